@@ -1,0 +1,319 @@
+"""Build a SegMoE merge: base pipeline + expert sites -> one UNet with MoE layers.
+
+Memory is kept to one UNet plus the merged sites: the base pipeline is loaded once; each expert
+is read into the base's UNet in place (when its gate rows need a generation, or it has LoRAs to
+fuse) or only its site tensors are read from its weights file; after the experts, the base's own
+UNet tensors are streamed back. No expert pipeline is ever loaded whole.
+
+Example::
+
+    pipe = build_merge(load_config("experiments/toy.yaml"))
+    pipe("two red circles, neon style").images[0]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ExpertConfig, LoraConfig, MergeConfig, parse_config
+from .discovery import Site, find_sites, get_module, set_module, site_prefixes
+from .gating import GateContext, capture_hidden, gate_report, get_gate_init, warn_degenerate
+from .moe import MoELayer
+from . import sources
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class MergeError(ValueError):
+    """A merge that cannot be built (mismatched architectures, a LoRA that does not fit, ...)."""
+
+
+@dataclass
+class ExpertSpec:
+    """One expert as the builder sees it: where its weights are, what to fuse, its prompts."""
+
+    source: str
+    positive: str
+    negative: str
+    loras: list[LoraConfig] = field(default_factory=list)
+
+
+def expert_specs(cfg: MergeConfig) -> list[ExpertSpec]:
+    """The experts of a config, with segmoe's rules for LoRA prompts and the LoRA-only form.
+
+    With ``experts``, each expert's LoRA prompts are appended to its own prompts. Without them
+    (segmoe's LoRA-only form), ``num_experts`` copies of the base share the top-level LoRAs,
+    split in order into groups of ``ceil(remaining / experts)``.
+    """
+    if cfg.experts:
+        specs = []
+        for e in cfg.experts:
+            pos = " ".join([e.positive_prompt] + [lora.positive_prompt for lora in e.loras if lora.positive_prompt])
+            neg = " ".join([e.negative_prompt] + [lora.negative_prompt for lora in e.loras if lora.negative_prompt])
+            specs.append(ExpertSpec(e.source_model, pos, neg, list(e.loras)))
+        return specs
+    n = cfg.num_experts
+    groups: list[list[LoraConfig]] = [[] for _ in range(n)]
+    remaining, start, i = len(cfg.loras), 0, 0
+    while remaining:
+        size = math.ceil(remaining / n)
+        groups[i].extend(cfg.loras[start:start + size])
+        start, remaining, i = start + size, remaining - size, i + 1
+    return [
+        ExpertSpec(cfg.base_model, " ".join(l.positive_prompt for l in g), " ".join(l.negative_prompt for l in g), g)
+        for g in groups
+    ]
+
+
+def fuse_loras(pipe, loras: list[LoraConfig], what: str) -> None:
+    """Fuse LoRAs into ``pipe.unet`` in place (text encoders untouched: the merge keeps the base's)."""
+    for j, lora in enumerate(loras):
+        res = sources.resolve_source(lora.source_model)
+        name = f"lora{j}"
+        try:
+            pipe.load_lora_weights(str(res.path), adapter_name=name)
+        except Exception as err:  # diffusers raises many types for a LoRA that does not fit
+            raise MergeError(
+                f"{what}: LoRA {lora.source_model} does not fit this model ({type(err).__name__}: {err}). "
+                "Use a LoRA trained for the same base architecture (sd vs sdxl)."
+            ) from None
+        pipe.fuse_lora(components=["unet"], lora_scale=lora.scale, adapter_names=[name])
+        pipe.unload_lora_weights()
+
+
+def check_same_architecture(reference: dict[str, torch.Size], candidate: dict[str, torch.Size], what: str) -> None:
+    """Raise :class:`MergeError` naming the first tensor where two UNets differ."""
+    for name, shape in reference.items():
+        other = candidate.get(name)
+        if other is None:
+            raise MergeError(f"{what} does not have the base's tensor {name}: its UNet architecture differs from the base. "
+                             "All experts must be fine-tunes of the same base model (same type: sd or sdxl).")
+        if tuple(other) != tuple(shape):
+            raise MergeError(f"{what}: tensor {name} is {tuple(other)} but the base's is {tuple(shape)}; "
+                             "all experts must be fine-tunes of the same base architecture.")
+    extra = sorted(set(candidate) - set(reference))
+    if extra:
+        raise MergeError(f"{what} has tensor {extra[0]} that the base lacks: its UNet architecture differs from the base.")
+
+
+def _site_module(base_site: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh module shaped like ``base_site`` holding an expert's tensors."""
+    if isinstance(base_site, nn.Linear):
+        m = nn.Linear(base_site.in_features, base_site.out_features, bias=base_site.bias is not None,
+                      device="meta")
+    else:
+        m = copy.deepcopy(base_site).to("meta")
+    m.load_state_dict(tensors, assign=True)
+    return m
+
+
+# --- streaming reads (issue 9: build peak memory) ---------------------------------------------
+# Loading an expert's whole UNet as a state dict holds a second UNet in memory (plus the file's
+# pages, mapped by safetensors); these read each tensor from disk straight into the UNet's own
+# parameter with plain file reads, so the transient is one tensor.
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_safetensors_into(path, targets: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy tensors ``key`` of a safetensors file into ``dst`` (same shape), one at a time, without mmap."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header, start = json.loads(f.read(n)), 8 + n
+        for key, dst in targets:
+            info = header[key]
+            lo, hi = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            f.seek(start + lo)
+            direct = dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu"
+            buf = dst if direct else torch.empty(dst.shape, dtype=dtype)
+            raw = buf.reshape(-1).view(torch.uint8)  # (nbytes,) view of buf
+            if raw.numel() != hi - lo or f.readinto(memoryview(raw.numpy())) != hi - lo:
+                raise sources.SourceError(f"{path}: tensor {key} is truncated or not {tuple(dst.shape)}")
+            if not direct:
+                dst.copy_(buf)
+
+
+def _stream_unet_into(res, model_type: str, unet_config: dict, unet: nn.Module) -> bool:
+    """Overwrite ``unet``'s tensors with a source's, streamed (see above). False where the source is
+    not safetensors (pickles are read whole by :mod:`sources`); the caller then loads a state dict."""
+    with sources.open_unet_tensors(res, model_type, unet_config) as t:
+        where = getattr(t, "_where", None)  # diffusers name -> (file, key); reads headers only
+        if getattr(t, "_loaded", None) is not None or not where:
+            return False
+    by_file: dict = {}
+    for name, dst in unet.state_dict().items():  # detached tensors sharing the parameters' storage
+        file, key = where[name]
+        by_file.setdefault(file, []).append((key, dst))
+    for file, targets in by_file.items():
+        _read_safetensors_into(file, targets)
+    return True
+
+
+def _load_unet_weights(res, model_type: str, unet: nn.Module, what: str, shapes: dict) -> None:
+    """Replace ``unet``'s weights with a source's (same architecture, checked from file headers first)."""
+    config = dict(unet.config)
+    check_same_architecture(shapes, sources.unet_tensor_shapes(res, model_type, config), what)
+    if not _stream_unet_into(res, model_type, config, unet):
+        state = sources.read_unet_tensors(res, model_type, config, names=None)
+        unet.load_state_dict(state, strict=True)
+
+
+def _site_tensors(unet: nn.Module, site: Site) -> dict[str, torch.Tensor]:
+    # views, not copies: run() copies them into the site's expert stacks before the UNet changes again
+    return {k: v.detach() for k, v in get_module(unet, site.path).state_dict().items()}
+
+
+def _store_expert(stacks: dict[str, torch.Tensor], i: int, n: int, tensors: dict[str, torch.Tensor],
+                  device, dtype) -> None:
+    """Copy expert ``i``'s site tensors into row ``i`` of ``(n, ...)`` stacks (allocated on first use).
+
+    The MoE layer adopts these rows as its experts' parameters without another copy, so a build
+    holds each site's experts once, never a list of copies plus their stack (issue 9).
+    """
+    for name, t in tensors.items():
+        if name not in stacks:
+            stacks[name] = torch.empty((n, *t.shape), dtype=dtype, device=device)
+        stacks[name][i].copy_(t)
+
+
+class _Builder:
+    def __init__(self, cfg: MergeConfig, device: str, dtype: torch.dtype, progress: bool):
+        self.cfg, self.device, self.dtype, self.progress = cfg, device, dtype, progress
+
+    def load_base(self):
+        self.base_res = sources.resolve_source(self.cfg.base_model, model_type=self.cfg.type)
+        pipe = sources.load_pipeline(self.base_res, self.cfg.type, torch_dtype=self.dtype)
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.base_fused = bool(self.cfg.loras and self.cfg.experts)
+        if self.base_fused:
+            fuse_loras(pipe, self.cfg.loras, "top-level loras")
+        self.pipe = pipe
+        self.shapes = {k: v.shape for k, v in pipe.unet.state_dict().items()}
+        self.sites = find_sites(pipe.unet, self.cfg.moe_layers, self.cfg.include_mid)
+        self.prefixes = site_prefixes(self.sites)
+        # only needed when an expert must be swapped into the UNet and the base has no file to reread
+        self._base_copy = None
+
+    def _needs_full_unet(self, spec: ExpertSpec) -> bool:
+        return self.cfg.init == "hidden" or bool(spec.loras)
+
+    def read_expert(self, i: int, spec: ExpertSpec) -> tuple[dict[str, dict], Optional[dict]]:
+        """Site tensors of expert ``i`` (and its captured hidden rows, for ``init=hidden``)."""
+        what = f"expert {i} ({spec.source})"
+        res = self.base_res if spec.source == self.cfg.base_model else sources.resolve_source(spec.source, model_type=self.cfg.type)
+        unet = self.pipe.unet
+        if not self._needs_full_unet(spec):
+            # shapes first (cheap: file headers), so a mismatch fails before any tensor is read
+            check_same_architecture(self.shapes, sources.unet_tensor_shapes(res, self.cfg.type, dict(unet.config)), what)
+            names = [k for k in self.shapes if k.startswith(self.prefixes)]
+            state = sources.read_unet_tensors(res, self.cfg.type, dict(unet.config), names=names)
+            return {s.path: {k[len(s.path) + 1:]: state[k].to(self.dtype) for k in names if k.startswith(s.path + ".")}
+                    for s in self.sites}, None
+        if self.base_fused and self._base_copy is None:
+            self._base_copy = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+        _load_unet_weights(res, self.cfg.type, unet, what, self.shapes)  # streamed: no second UNet in memory
+        self.swapped = True
+        if spec.loras:
+            fuse_loras(self.pipe, spec.loras, what)
+        hidden = None
+        if self.cfg.init == "hidden":
+            hidden = capture_hidden(self.pipe, self.sites, spec.positive, spec.negative, self.cfg.gate, seed=self.cfg.seed)
+        return {s.path: _site_tensors(unet, s) for s in self.sites}, hidden
+
+    def restore_base(self) -> None:
+        """Put the base's own (non-site) UNet tensors back after experts were swapped in."""
+        if self._base_copy is not None:
+            self.pipe.unet.load_state_dict(self._base_copy, strict=True)
+            self._base_copy = None
+            return
+        _load_unet_weights(self.base_res, self.cfg.type, self.pipe.unet, "base model", self.shapes)
+
+    def run(self):
+        self.swapped = False
+        self.load_base()
+        specs = expert_specs(self.cfg)
+        per_site: dict[str, dict[str, torch.Tensor]] = {s.path: {} for s in self.sites}  # name -> (E, ...) stack
+        hidden = []
+        with self._scheduler_for_gates():
+            for i, spec in enumerate(tqdm(specs, desc="experts", disable=not self.progress)):
+                tensors, rows = self.read_expert(i, spec)
+                for path, t in tensors.items():
+                    _store_expert(per_site[path], i, len(specs), t, self.device, self.dtype)
+                del tensors
+                if rows is not None:
+                    hidden.append(rows)
+        if self.swapped:
+            self.restore_base()
+        ctx = GateContext(self.sites, len(specs), hidden or None, seed=self.cfg.seed, dtype=self.dtype)
+        gates = get_gate_init(self.cfg.init)(ctx)
+        unet = self.pipe.unet
+        for s in tqdm(self.sites, desc="MoE sites", disable=not self.progress):
+            base_site = get_module(unet, s.path)
+            stacks = per_site.pop(s.path)
+            experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
+            gate = nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype)
+            with torch.no_grad():
+                gate.weight.copy_(gates[s.path])
+            layer = MoELayer(experts, gate, top_k=self.cfg.num_experts_per_tok, routing=self.cfg.routing)
+            set_module(unet, s.path, layer.to(self.device))
+        self.pipe.scheduler = make_scheduler(self.cfg.scheduler, self.pipe.scheduler)
+        return self.pipe
+
+    @contextmanager
+    def _scheduler_for_gates(self):
+        # segmoe generates its gate prompts with DDPM whatever the merge's scheduler is.
+        old = self.pipe.scheduler
+        if self.cfg.init == "hidden":
+            self.pipe.scheduler = make_scheduler("ddpm", old)
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = old
+
+
+def make_scheduler(name: str, current):
+    """A scheduler of kind ``name`` built from ``current``'s config (``keep`` keeps it)."""
+    import diffusers
+
+    classes = {
+        "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+        "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler",
+        "lms": "LMSDiscreteScheduler", "pndm": "PNDMScheduler", "unipc": "UniPCMultistepScheduler",
+    }
+    if name == "keep":
+        return current
+    if name not in classes:
+        raise ValueError(f"scheduler={name!r} is not known; choose one of {sorted(classes) + ['keep']}")
+    return getattr(diffusers, classes[name]).from_config(current.config)
+
+
+def build_merge(config, *, device: str = "cpu", torch_dtype: Optional[torch.dtype] = None, progress: bool = True):
+    """Build the merged diffusers pipeline described by ``config``.
+
+    Args:
+        config (`MergeConfig` or `dict`): the merge (see :mod:`segmoe_lab.config`).
+        device (`str`, *optional*, defaults to ``"cpu"``): where to build and run gate prompts.
+        torch_dtype (`torch.dtype`, *optional*): defaults to the config's ``dtype``.
+        progress (`bool`, *optional*, defaults to `True`): show progress bars.
+
+    Returns:
+        The base pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) whose
+        UNet sites are :class:`~segmoe_lab.moe.MoELayer` s; ``pipe.segmoe_config`` holds the config.
+    """
+    cfg = parse_config(config)
+    dtype = torch_dtype or DTYPES[cfg.dtype]
+    with torch.no_grad():
+        pipe = _Builder(cfg, device, dtype, progress).run()
+    warn_degenerate(gate_report(pipe.unet))
+    pipe.segmoe_config = cfg
+    return pipe

@@ -1,0 +1,260 @@
+"""The ``segmoe-lab`` command line: a thin layer over the public API.
+
+Every command turns the kit's own errors (bad config, missing file, offline hub, ...) into one
+message and exit code 2, without a traceback.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Build, inspect and judge SegMoE (Mixture-of-Experts) merges of Stable Diffusion models.")
+
+
+def friendly_errors(fn):
+    """Print the kit's error messages (and OSError/ValueError) without a traceback; exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, RuntimeError) as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def build(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's schema)"),
+          out_dir: Path = typer.Argument(..., help="output folder (must not exist)"),
+          device: Optional[str] = typer.Option(None, help="cpu / cuda (default: cuda if present)"),
+          overwrite: bool = typer.Option(False, help="replace out_dir if it exists")):
+    """Build a merge and save it in segmoe's folder format (drop-in for `segmoe config.yaml out_dir`)."""
+    from .config import load_config
+    from .pipeline import SegMoEPipeline
+
+    cfg = load_config(config)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:  # fail before the (long) build, not after it
+        raise ValueError(f"{out_dir} exists already; choose a new output folder or pass --overwrite")
+    pipe = SegMoEPipeline(cfg, device=device)
+    pipe.save_pretrained(out_dir, overwrite=overwrite)
+    typer.echo(f"saved {pipe!r} to {out_dir}")
+
+
+@app.command()
+@friendly_errors
+def generate(merge: str = typer.Argument(..., help="merge folder, hub id, or merge config YAML"),
+             prompt: str = typer.Argument(...),
+             output: Path = typer.Option(Path("image.png"), "-o", "--output"),
+             seed: int = typer.Option(0),
+             steps: int = typer.Option(25, help="inference steps"),
+             guidance: Optional[float] = typer.Option(None, help="guidance scale (pipeline default if unset)"),
+             negative_prompt: Optional[str] = typer.Option(None),
+             device: Optional[str] = typer.Option(None)):
+    """Generate one image with a merge."""
+    import torch
+
+    from .pipeline import SegMoEPipeline
+
+    pipe = SegMoEPipeline(merge, device=device, progress=False)
+    kwargs = {"num_inference_steps": steps, "negative_prompt": negative_prompt}
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    generator = torch.Generator("cpu").manual_seed(seed)
+    image = pipe(prompt, generator=generator, **kwargs).images[0]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{output.suffix}")
+    image.save(tmp)
+    tmp.replace(output)
+    typer.echo(f"wrote {output}")
+
+
+# --- validate (config checks; imports no torch) -----------------------------------------------
+
+@app.command()
+@friendly_errors
+def validate(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's schema)")):
+    """Check a merge config without loading any model: print its summary, or every problem in it."""
+    from .config import load_config, summarize
+
+    typer.echo(summarize(load_config(config)))
+
+
+# --- run / runs (experiments: notebooks executed with papermill; see segmoe_lab.runner) -----------
+
+@app.command("run")
+@friendly_errors
+def run_cmd(experiment: Path = typer.Argument(..., help="experiment YAML (notebook + parameters [+ grid])"),
+            grid: bool = typer.Option(False, "--grid", help="one run per point of the experiment's grid"),
+            out: Path = typer.Option(Path("runs"), "--out", help="runs folder")):
+    """Execute an experiment's notebook into OUT/NAME/<timestamp>/ (with --grid, once per grid point)."""
+    from .runner import run_experiment
+
+    def started(i, n, point):
+        typer.echo(f"[{i + 1}/{n}] " + (" ".join(f"{k}={v}" for k, v in point.items()) or "parameters"), nl=False)
+
+    def done(r):
+        color = typer.colors.GREEN if r.status == "ok" else typer.colors.RED
+        typer.secho(f"  {r.status} ({r.seconds:.0f} s) -> {r.path}" + (f"\n    {r.error}" if r.error else ""), fg=color)
+
+    results = run_experiment(experiment, grid=grid, out=out, on_run=started, on_done=done)
+    failed = sum(r.status != "ok" for r in results)
+    typer.echo(f"{len(results) - failed} ok, {failed} failed; collect them with `segmoe-lab runs --out {out}`")
+    if failed:
+        raise SystemExit(1)  # not typer.Exit: click's Exit is a RuntimeError, which friendly_errors catches
+
+
+@app.command("runs")
+@friendly_errors
+def runs_cmd(out: Path = typer.Option(Path("runs"), "--out", help="runs folder"),
+             output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the collected table (CSV)")):
+    """Collect every run's results.csv into one table (with run, status and grid point)."""
+    from .runner import collect_runs
+
+    table = collect_runs(out)
+    per_run = table.groupby("run", sort=False).agg(status=("run_status", "first"), rows=("run", "size"),
+                                                  seconds=("run_seconds", "first"), error=("run_error", "first"))
+    typer.echo(per_run.fillna("").to_string() if len(per_run) else f"no runs under {out}")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(output, index=False)
+        typer.echo(f"wrote {len(table)} rows to {output}")
+
+
+# --- estimate (memory planning without weights; issue 9) -------------------------------------
+
+@app.command()
+@friendly_errors
+def estimate(config: Path = typer.Argument(..., help="merge config (YAML) or merge folder"),
+             layout: Optional[str] = typer.Option(None, help="UNet layout to assume: sd15, sdxl, vega or ssd1b "
+                                                             "(default: from the base model, else by type)")):
+    """Print parameter counts and float16/float32 weight memory of the base and the merge, loading no weights."""
+    from .estimate import estimate as run_estimate
+    from .layouts import LAYOUTS
+
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r} is not known; choose one of {', '.join(LAYOUTS)}")
+    typer.echo(run_estimate(config, layout=layout).table())
+
+
+# --- compare (merge vs base vs each expert, scored; issue 7) ----------------------------------
+
+def _int_list(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-3"`` (inclusive) -> a list of ints."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        if not lo.lstrip("-").isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"--seeds {text!r}: give seeds like 0,1,2 or 0-3")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+@app.command("compare")
+@friendly_errors
+def compare_cmd(merge: str = typer.Argument("toy", help="merge config YAML, merge folder, hub id, or 'toy'"),
+                prompts: Optional[str] = typer.Option(None, help="prompt set in data/prompts (toy, segmoe_examples, adherence) or a CSV"),
+                n_prompts: Optional[int] = typer.Option(None, help="use this many prompts (taken in turn from each category)"),
+                seeds: Optional[str] = typer.Option(None, help="seeds: 0,1,2 or 0-3 (default 0)"),
+                steps: Optional[int] = typer.Option(None, help="inference steps (default 25)"),
+                guidance: Optional[float] = typer.Option(None, help="guidance scale (default 7.5)"),
+                scheduler: Optional[str] = typer.Option(None, help="sampler for every model (default: the merge's)"),
+                scorers: Optional[str] = typer.Option(None, help="comma-separated: clip, torchmetrics, toy_truth"),
+                clip_model: Optional[str] = typer.Option(None, help="open_clip model, open_clip/transformers CLIP folder, or toy"),
+                clip_pretrained: Optional[str] = typer.Option(None, help="open_clip tag or weights file (default openai)"),
+                torchmetrics_model: Optional[str] = typer.Option(None, help="transformers CLIP folder or hub id for torchmetrics"),
+                models: Optional[str] = typer.Option(None, help="comma-separated: merge, base, experts, expert_<i>"),
+                config: Optional[Path] = typer.Option(None, help="YAML of comparison settings (segmoe_lab.compare.CompareConfig); flags override it"),
+                cache_dir: Optional[Path] = typer.Option(None, help="image cache (default $SEGMOE_LAB_CACHE/images)"),
+                out: Path = typer.Option(Path("comparison"), "--out", help="report folder"),
+                device: Optional[str] = typer.Option(None, help="auto / cpu / cuda"),
+                dtype: Optional[str] = typer.Option(None, help="auto / float32 / float16 / bfloat16")):
+    """Generate every prompt x seed with the merge, its base and each expert; score them and write a report.
+
+    Shard across processes with `accelerate launch --num_processes N -m segmoe_lab.cli compare ...`
+    (or `torchrun --nproc_per_node N -m segmoe_lab.cli compare ...`).
+    """
+    import yaml
+
+    from .compare import CompareConfig, run_comparison
+    from .report import report
+
+    values = yaml.safe_load(config.read_text()) or {} if config else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{config}: a comparison config must be a mapping of CompareConfig fields")
+    values["merge"] = merge
+    flags = {"prompts": prompts, "n_prompts": n_prompts, "device": device, "dtype": dtype,
+             "cache_dir": str(cache_dir) if cache_dir else None,
+             "seeds": _int_list(seeds) if seeds else None, "models": models.split(",") if models else None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    sampling = {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
+    values["sampling"] = {**values.get("sampling", {}), **{k: v for k, v in sampling.items() if v is not None}}
+    if scorers:
+        values["scorers"] = {name: dict((values.get("scorers") or {}).get(name) or {}) for name in scorers.split(",")}
+    for name, opts in (("clip", {"model": clip_model, "pretrained": clip_pretrained}), ("torchmetrics", {"model": torchmetrics_model})):
+        given = {k: v for k, v in opts.items() if v is not None}
+        if given:
+            values.setdefault("scorers", {name: {}})
+            values["scorers"] = {**values["scorers"], name: {**(values["scorers"].get(name) or {}), **given}}
+    result = run_comparison(CompareConfig.of(**values))
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        folder = report(result, out)
+        overall = result.paired(by_category=False)
+        cols = ["scorer", "model_a", "model_b", "diff", "ci_low", "ci_high", "win_rate", "wilcoxon_p"]
+        typer.echo(result.summary().round(3).to_string(index=False))
+        typer.echo(overall[cols].round(3).to_string(index=False))
+        typer.echo(f"generated {sum(result.generated.values())} image(s); report in {folder}")
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        state.destroy_process_group()
+
+
+# --- toy world (segmoe_lab/toy) ----------------------------------------------------------------------
+
+toy_app = typer.Typer(no_args_is_help=True, help="The toy world: train its tiny models, measure it.")
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("train")
+@friendly_errors
+def toy_train(quick: bool = typer.Option(False, "--quick", help="a few steps per stage: runs the code path in seconds"),
+              out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: the shipped segmoe_lab/toy/weights)"),
+              seed: int = typer.Option(0, "--seed"),
+              device: Optional[str] = typer.Option(None, help="cpu / cuda (default: cuda if present)")):
+    """Train the toy VAE, CLIP, SD base, domain experts, control and SDXL models from scratch."""
+    from .toy.train import WEIGHTS, train_all
+
+    if out is None and quick:
+        raise ValueError("--quick would overwrite the shipped weights with untrained ones; give --out DIR")
+    stages = train_all(out or WEIGHTS, seed=seed, quick=quick, device=device)
+    typer.echo(f"trained in {stages['total']['seconds']:.0f} s; weights, losses.csv and losses.png in {out or WEIGHTS}")
+
+
+@toy_app.command("quality")
+@friendly_errors
+def toy_quality(n: int = typer.Option(200, help="generated prompts per domain"),
+                steps: int = typer.Option(15, help="sampling steps"),
+                out: Optional[Path] = typer.Option(None, "--out", help="write quality.json here"),
+                weights: Optional[Path] = typer.Option(None, help="weights folder (default: the shipped ones)")):
+    """Measure the world: experts vs base vs control on ground truth, CLIP retrieval, CLIP-truth Spearman."""
+    from .toy.quality import main as quality_main
+
+    quality_main(n=n, steps=steps, out=out, weights=weights)
+
+
+def main():  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,255 @@
+"""The merge config: segmoe's YAML schema plus segmoe-lab's own fields, validated once.
+
+Every field of segmoe 0.0.4's configs is accepted unchanged (so its README examples load as
+they are); our additions all have defaults. A misspelt key, a wrong type or an unknown mode
+fails in one :class:`ConfigError` that names every bad field, its value and the valid choices.
+This module imports no torch, so a config can be checked on any machine.
+
+Example::
+
+    >>> cfg = MergeConfig.model_validate({
+    ...     "base_model": "runwayml/stable-diffusion-v1-5", "type": "sd",
+    ...     "experts": [{"source_model": "a", "positive_prompt": "x"},
+    ...                 {"source_model": "b", "positive_prompt": "y"}]})
+    >>> cfg.num_experts, cfg.moe_layers, cfg.routing
+    (2, 'attn', 'segmoe')
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MoELayers = Literal["ff", "attn", "all"]
+ModelType = Literal["sd", "sdxl"]
+GateInitName = Literal["hidden", "random", "uniform"]
+RoutingName = Literal["segmoe", "per_sample", "per_token"]
+DTypeName = Literal["float32", "float16", "bfloat16"]
+SchedulerName = Literal["ddpm", "ddim", "euler", "euler_a", "dpm", "lms", "pndm", "unipc", "keep"]
+GateMethod = Literal["exact", "fast"]
+TokenReduce = Literal["mean", "last"]
+NegativeMode = Literal["cfg", "subtract"]
+
+# Keys segmoe adds to the config it stores in unet/config.json["segmoe_config"]; they describe
+# segmoe's hard-coded block ranges and are derived, never read, by segmoe-lab.
+SEGMOE_DERIVED_KEYS = ("up_idx_start", "up_idx_end", "down_idx_start", "down_idx_end")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    """One LoRA fused into an expert (or into the base, when listed at the top level)."""
+
+    source_model: str = Field(min_length=1)
+    positive_prompt: str = ""
+    negative_prompt: str = ""
+    scale: float = 1.0  # segmoe-lab: the weight the LoRA is fused with
+
+
+class ExpertConfig(_Strict):
+    """One expert: a fine-tune of the base, and the prompts its gate rows are made from."""
+
+    source_model: str = Field(min_length=1)
+    positive_prompt: str = ""
+    negative_prompt: str = ""
+    loras: list[LoraConfig] = Field(default_factory=list)
+
+
+class GateOptions(_Strict):
+    """How the ``hidden`` gate initialiser turns expert prompts into gate rows.
+
+    ``method="exact"`` is segmoe's: a full ``steps``-step DDPM generation per expert, capturing
+    each MoE site's input at the last step. ``method="fast"`` generates with only ``probe_steps``
+    steps and averages the captured inputs over them. ``reduce`` turns a site's input tokens into
+    one vector (``mean``, segmoe; ``last``, mergekit-moe); ``negative`` is ``cfg`` (the negative
+    prompt is only the guidance negative, segmoe) or ``subtract`` (negative's hidden state
+    subtracted from the positive's, mergekit-moe).
+    """
+
+    method: GateMethod = "exact"
+    reduce: TokenReduce = "mean"
+    negative: NegativeMode = "cfg"
+    steps: int = Field(25, ge=1)
+    probe_steps: int = Field(3, ge=1)
+    guidance_scale: Optional[float] = Field(None, ge=0)  # None: the pipeline's default, as segmoe
+    height: Optional[int] = Field(None, ge=8)
+    width: Optional[int] = Field(None, ge=8)
+
+
+class MergeConfig(_Strict):
+    """A SegMoE merge: the base, its experts and how their layers are mixed."""
+
+    # --- segmoe's schema -------------------------------------------------------------------
+    base_model: str = Field(min_length=1)
+    num_experts: Optional[int] = Field(None, ge=1)
+    moe_layers: MoELayers = "attn"
+    num_experts_per_tok: int = Field(1, ge=1)
+    type: ModelType = "sdxl"
+    experts: list[ExpertConfig] = Field(default_factory=list)
+    loras: list[LoraConfig] = Field(default_factory=list)
+    init: GateInitName = "hidden"
+    # --- segmoe-lab's additions --------------------------------------------------------------
+    routing: RoutingName = "segmoe"
+    gate: GateOptions = Field(default_factory=GateOptions)
+    scheduler: SchedulerName = "ddpm"  # segmoe forces DDPM; Turbo merges want euler_a or dpm
+    dtype: DTypeName = "float32"
+    include_mid: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> "MergeConfig":
+        errors = []
+        if not self.experts and not self.loras:
+            errors.append("experts: at least one expert (or, segmoe's LoRA-only form, one top-level lora) is required")
+        n = len(self.experts) if self.experts else None
+        if self.num_experts is None:
+            # segmoe: num_experts defaults to len(experts), else len(loras); validate_assignment
+            # would re-enter this validator, so write through __dict__.
+            self.__dict__["num_experts"] = n or max(len(self.loras), 1)
+        elif n is not None and self.num_experts != n:
+            errors.append(
+                f"num_experts: is {self.num_experts} but experts lists {n}; "
+                f"set num_experts: {n} or list {self.num_experts} experts"
+            )
+        if self.num_experts is not None and self.num_experts_per_tok > self.num_experts:
+            errors.append(
+                f"num_experts_per_tok: is {self.num_experts_per_tok} but there are only "
+                f"{self.num_experts} experts; choose 1..{self.num_experts}"
+            )
+        if errors:
+            raise ValueError("\n".join(errors))  # one line each: _format lists them apart
+        return self
+
+    def to_yaml(self) -> str:
+        """The config as YAML, with every default written out."""
+        return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
+
+    def to_segmoe_dict(self) -> dict[str, Any]:
+        """The keys segmoe 0.0.4 itself reads: what a merge folder stores as ``segmoe_config``."""
+        d = self.model_dump(include={"base_model", "num_experts", "moe_layers", "num_experts_per_tok", "type", "init"})
+        d["experts"] = [e.model_dump(exclude={"loras"} if not e.loras else None) for e in self.experts]
+        if self.loras:
+            d["loras"] = [lora.model_dump() for lora in self.loras]
+        return d
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``str(err)`` lists every problem, one per line."""
+
+
+def _format(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        kind, msg, value = e["type"], e["msg"], e.get("input")
+        if kind == "extra_forbidden":
+            msg = f"unknown key (misspelt?); valid keys here: {_valid_keys(e['loc'])}"
+        elif kind == "literal_error":
+            msg = f"{value!r} is not a valid choice; choose one of {e['ctx']['expected']}"
+        elif kind == "missing":
+            msg = "is required but missing"
+        elif kind == "value_error":
+            # cross-field checks name their fields themselves, one problem per line
+            problems.extend(str(e.get("ctx", {}).get("error", msg)).splitlines())
+            continue
+        else:
+            msg = f"{msg} (got {value!r})"
+        problems.append(f"{where}: {msg}")
+    lines = [f"{source}: {len(problems)} problem(s) in the merge config"]
+    return "\n".join(lines + [f"  - {p}" for p in problems])
+
+
+def _valid_keys(loc: tuple) -> str:
+    model: type[BaseModel] = MergeConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        inner = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None:
+            break
+        model = inner
+    return ", ".join(model.model_fields)
+
+
+def parse_config(data: Union[dict, MergeConfig], source: str = "config") -> MergeConfig:
+    """Validate a dict (e.g. parsed YAML) into a :class:`MergeConfig`, or raise :class:`ConfigError`.
+
+    segmoe's derived block-range keys (``up_idx_start`` ...) and ``num_experts`` as written back
+    by segmoe are accepted and dropped, so a ``segmoe_config`` from a merge folder parses too.
+    """
+    if isinstance(data, MergeConfig):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a merge config must be a mapping of keys to values, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in SEGMOE_DERIVED_KEYS}
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: Union[str, Path]) -> MergeConfig:
+    """Read and validate a YAML merge config.
+
+    Example::
+
+        cfg = load_config("experiments/toy.yaml")
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; pass the path of a YAML merge config")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; a merge config needs at least base_model and experts")
+    return parse_config(data, source=str(path))
+
+
+def summarize(cfg: MergeConfig) -> str:
+    """A short human-readable description of a merge, as printed by ``segmoe-lab validate``."""
+    lines = [
+        f"{cfg.num_experts}x{cfg.num_experts_per_tok} {cfg.type} merge of {cfg.base_model}",
+        f"  moe_layers={cfg.moe_layers} routing={cfg.routing} init={cfg.init} "
+        f"(gate: {cfg.gate.method}, reduce={cfg.gate.reduce}, negative={cfg.gate.negative})",
+        f"  scheduler={cfg.scheduler} dtype={cfg.dtype} include_mid={cfg.include_mid}",
+    ]
+    for i, e in enumerate(cfg.experts):
+        lora = f" + {len(e.loras)} LoRA(s)" if e.loras else ""
+        lines.append(f"  expert {i}: {e.source_model}{lora}  [+] {e.positive_prompt[:60]!r}")
+    for lora in cfg.loras:
+        lines.append(f"  top-level LoRA: {lora.source_model}")
+    return "\n".join(lines)
+
+
+CHOICES = {
+    "moe_layers": list(get_args(MoELayers)),
+    "type": list(get_args(ModelType)),
+    "init": list(get_args(GateInitName)),
+    "routing": list(get_args(RoutingName)),
+    "dtype": list(get_args(DTypeName)),
+    "scheduler": list(get_args(SchedulerName)),
+}

@@ -1,0 +1,213 @@
+"""Plan memory before building: parameter counts and weight bytes of a merge, without any weights.
+
+:func:`estimate` instantiates the base UNet on the meta device (accelerate's
+``init_empty_weights``) from its config, swaps in meta :class:`~segmoe_lab.moe.MoELayer` s at
+the sites the merge config names, and counts parameters of the base, the merge, and what an
+expert-offloaded merge keeps on the accelerator (:mod:`segmoe_lab.offload`). The UNet config
+comes from the base model's folder when it is local, from a single file's tensor names, or from
+the real configs in :mod:`segmoe_lab.layouts` (SD 1.5 for ``type: sd``, SDXL base for
+``type: sdxl``, or a ``layout`` chosen by the caller: ``vega``, ``ssd1b``); so this works offline.
+
+Counts are of weights only: activations, the CUDA context and allocator slack come on top.
+
+Example::
+
+    print(estimate(load_config("experiments/segmoe_4x2.yaml")).table())
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from .config import MergeConfig, load_config
+from . import layouts
+
+BYTES = {"float16": 2, "float32": 4}
+_OUR_KEYS = ("segmoe_config", "segmoe_lab_config")
+
+
+@dataclass
+class ModelConfigs:
+    """The configs an estimate is built from, and where they came from."""
+
+    unet: dict
+    text_encoders: dict[str, dict] = field(default_factory=dict)
+    vae: Optional[dict] = None
+    source: str = ""
+
+
+@dataclass
+class Estimate:
+    """Parameter counts of a base model and its merge (weights only)."""
+
+    title: str
+    source: str
+    sites: int
+    num_experts: int
+    top_k: int
+    base_unet: int
+    merge_unet: int
+    active_unet: int  # parameters that run per step: the rest of the UNet + gates + top_k experts per site
+    offload_unet: int  # parameters on the accelerator with expert offload (top_k slots per site)
+    text_encoders: Optional[int]
+    vae: Optional[int]
+
+    @property
+    def others(self) -> int:
+        return (self.text_encoders or 0) + (self.vae or 0)
+
+    def rows(self) -> list[tuple[str, int]]:
+        """``(what, parameters)`` in display order."""
+        rows = [("base UNet", self.base_unet),
+                (f"merged UNet ({self.num_experts} experts at {self.sites} sites)", self.merge_unet),
+                (f"  run per step (top-{self.top_k} of {self.num_experts})", self.active_unet),
+                (f"  on the accelerator with expert offload (top-{self.top_k} slots per site)", self.offload_unet)]
+        if self.text_encoders is not None:
+            rows.append(("text encoder(s)", self.text_encoders))
+        if self.vae is not None:
+            rows.append(("VAE", self.vae))
+        if self.text_encoders is not None or self.vae is not None:
+            rows += [("base pipeline", self.base_unet + self.others),
+                     ("merged pipeline", self.merge_unet + self.others),
+                     ("merged pipeline, expert offload", self.offload_unet + self.others)]
+        return rows
+
+    def table(self) -> str:
+        """A fixed-width table: parameters, float16 and float32 GiB (2^30 bytes)."""
+        lines = [self.title, f"  configs: {self.source}",
+                 f"  {'':<66}{'params':>12}{'float16':>12}{'float32':>12}"]
+        for name, n in self.rows():
+            lines.append(f"  {name:<66}{_count(n):>12}{_gib(n * BYTES['float16']):>12}{_gib(n * BYTES['float32']):>12}")
+        lines.append("  weights only; activations and the CUDA context come on top.")
+        return "\n".join(lines)
+
+    def bytes(self, what: str, dtype: str = "float16") -> int:
+        """Bytes of one row (by its name in :meth:`rows`) at ``dtype``."""
+        return dict(self.rows())[what] * BYTES[dtype]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+# --- where the configs come from ------------------------------------------------------------
+def _folder_configs(folder: Path, note: str) -> ModelConfigs:
+    unet = {k: v for k, v in json.loads((folder / "unet" / "config.json").read_text()).items() if k not in _OUR_KEYS}
+    encoders = {name: json.loads((folder / name / "config.json").read_text())
+                for name in ("text_encoder", "text_encoder_2") if (folder / name / "config.json").is_file()}
+    vae = json.loads((folder / "vae" / "config.json").read_text()) if (folder / "vae" / "config.json").is_file() else None
+    return ModelConfigs(unet, encoders, vae, f"{note} {folder}")
+
+
+def _layout_configs(layout: str, note: str) -> ModelConfigs:
+    return ModelConfigs(layouts.unet_config(layout), layouts.text_encoder_configs(layout), layouts.vae_config(layout),
+                        f"{note}: {layout} ({layouts.HUB_REPOS[layout]}), from segmoe_lab.layouts")
+
+
+def model_configs(cfg: MergeConfig, layout: Optional[str] = None) -> ModelConfigs:
+    """The base model's configs: ``layout`` if given, else the local base folder or single file,
+    else the layout named by the base's hub id, else SD 1.5 / SDXL base by ``cfg.type``."""
+    if layout is not None:
+        if layouts.model_type(layout) != cfg.type:
+            raise ValueError(f"layout={layout!r} is a type: {layouts.model_type(layout)} model but the config says "
+                             f"type: {cfg.type}; choose one of "
+                             f"{[n for n in layouts.LAYOUTS if layouts.model_type(n) == cfg.type]}")
+        return _layout_configs(layout, "chosen layout")
+    base = Path(cfg.base_model).expanduser()
+    if (base / "unet" / "config.json").is_file():
+        return _folder_configs(base, "base model folder")
+    if base.is_file():
+        from .single_file import checkpoint_keys, detect_layout
+
+        return _layout_configs(detect_layout(checkpoint_keys(base), cfg.type), f"layout of {base.name}'s tensors")
+    for name, repo in layouts.HUB_REPOS.items():
+        if cfg.base_model.rstrip("/") == repo and layouts.model_type(name) == cfg.type:
+            return _layout_configs(name, "base model's layout")
+    return _layout_configs("sd15" if cfg.type == "sd" else "sdxl", f"type: {cfg.type} implies")
+
+
+# --- counting on the meta device ---------------------------------------------------------------
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_merge(unet_config: dict, cfg: MergeConfig):
+    """``(base_params, merged UNet on the meta device, sites)`` for ``cfg`` over ``unet_config``."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from .discovery import find_sites, get_module, set_module
+    from .moe import MoELayer
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+        base = _params(unet)
+        sites = find_sites(unet, cfg.moe_layers, cfg.include_mid)
+        top_k = min(cfg.num_experts_per_tok, cfg.num_experts)
+        for s in sites:
+            site = get_module(unet, s.path)
+            experts = [copy.deepcopy(site) for _ in range(cfg.num_experts)]
+            set_module(unet, s.path, MoELayer(experts, None, top_k=top_k, routing=cfg.routing))
+    return base, unet, sites
+
+
+def _text_encoder_params(configs: dict[str, dict]) -> int:
+    import transformers
+    from accelerate import init_empty_weights
+
+    total = 0
+    for cfg in configs.values():
+        cls = getattr(transformers, (cfg.get("architectures") or ["CLIPTextModel"])[0])
+        with init_empty_weights():
+            total += _params(cls(transformers.CLIPTextConfig(**cfg)))
+    return total
+
+
+def _vae_params(config: dict) -> int:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    with init_empty_weights():
+        return _params(AutoencoderKL.from_config(config))
+
+
+def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None) -> Estimate:
+    """Parameter counts of a merge and its base, without loading weights.
+
+    Args:
+        config (`MergeConfig`, or the path of a YAML config or of a merge folder).
+        layout (`str`, *optional*): one of :data:`segmoe_lab.layouts.LAYOUTS`, overriding the
+            layout found from the config (e.g. ``"vega"`` or ``"ssd1b"`` for a hub id not known here).
+    """
+    from .moe import iter_moe_layers
+    from .offload import resident_bytes_plan
+
+    configs = None
+    if isinstance(config, (str, Path)) and Path(config).is_dir():
+        from .io import read_merge_config
+
+        folder = Path(config)
+        _, cfg = read_merge_config(folder)
+        configs = _folder_configs(folder, "merge folder") if layout is None else None
+    else:
+        cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    configs = configs or model_configs(cfg, layout)
+    base, unet, sites = meta_merge(configs.unet, cfg)
+    merged = _params(unet)
+    import torch
+
+    offload = resident_bytes_plan(unet, dtype=torch.float32)["total"] // 4  # bytes at 4 per parameter
+    active = merged - sum((layer.num_experts - layer.top_k) * _params(layer.experts[0]) for _, layer in iter_moe_layers(unet))
+    title = (f"{cfg.num_experts}x{cfg.num_experts_per_tok} {cfg.type} merge of {cfg.base_model}, "
+             f"moe_layers={cfg.moe_layers}{', include_mid' if cfg.include_mid else ''}")
+    return Estimate(title, configs.source, len(sites), cfg.num_experts, min(cfg.num_experts_per_tok, cfg.num_experts),
+                    base, merged, active, offload,
+                    _text_encoder_params(configs.text_encoders) if configs.text_encoders else None,
+                    _vae_params(configs.vae) if configs.vae else None)

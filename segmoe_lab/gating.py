@@ -1,0 +1,189 @@
+"""Gate initialisers: one ``[num_experts, hidden]`` matrix per MoE site, without training.
+
+Every initialiser in :data:`GATE_INITS` has one signature, ``init(ctx: GateContext) -> {site
+path: Tensor[E, hidden]}``. ``hidden`` is SegMoE's method: each expert generates from its own
+positive/negative prompt, the input of every MoE site is captured, reduced to one vector and
+L2-normalised; row ``i`` of a site's gate is expert ``i``'s vector, so the gate scores a token
+by its similarity to what each expert saw for its prompt.
+
+Example::
+
+    rows = capture_hidden(pipe, sites, "a photo", "blurry", GateOptions(method="fast"))
+    gates = get_gate_init("hidden")(GateContext(sites, 2, hidden=[rows, rows_of_expert_1]))
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .config import GateOptions
+from .discovery import Site, get_module
+from .moe import iter_moe_layers
+
+# mergekit-moe warns when a gate matrix's condition number exceeds this: its rows are then
+# nearly linearly dependent and the gate cannot tell the experts apart.
+DEGENERATE_CONDITION = 5.0
+
+
+@dataclass
+class GateContext:
+    """What an initialiser may use.
+
+    Args:
+        sites (`Sequence[Site]`): the MoE sites, in order.
+        num_experts (`int`): rows per gate.
+        hidden (`list[dict]`, *optional*): per expert, ``{site.path: Tensor[hidden]}`` from
+            :func:`capture_hidden`; only the ``hidden`` initialiser needs it.
+        seed (`int`, *optional*, defaults to 0): for ``random``.
+        dtype (`torch.dtype`, *optional*, defaults to float32).
+    """
+
+    sites: Sequence[Site]
+    num_experts: int
+    hidden: Optional[list[dict[str, torch.Tensor]]] = None
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+
+def _normalise(rows: torch.Tensor) -> torch.Tensor:
+    return rows / rows.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def init_hidden(ctx: GateContext) -> dict[str, torch.Tensor]:
+    """SegMoE's hidden-state gates: row i = expert i's L2-normalised reduced site input."""
+    if not ctx.hidden or len(ctx.hidden) != ctx.num_experts:
+        raise ValueError("init='hidden' needs one captured hidden-state dict per expert (see capture_hidden)")
+    return {s.path: torch.stack([_normalise(h[s.path].float()) for h in ctx.hidden]).to(ctx.dtype) for s in ctx.sites}
+
+
+def init_random(ctx: GateContext) -> dict[str, torch.Tensor]:
+    """Seeded random unit rows: a baseline with no information about the experts."""
+    g = torch.Generator().manual_seed(ctx.seed)
+    return {s.path: _normalise(torch.randn(ctx.num_experts, s.in_features, generator=g)).to(ctx.dtype) for s in ctx.sites}
+
+
+def init_uniform(ctx: GateContext) -> dict[str, torch.Tensor]:
+    """All-zero gates: every expert gets the same weight, so with ``num_experts_per_tok`` equal
+    to the number of experts the merge averages the experts' site outputs (ties in top-k go to
+    the lowest expert indices)."""
+    return {s.path: torch.zeros(ctx.num_experts, s.in_features, dtype=ctx.dtype) for s in ctx.sites}
+
+
+GATE_INITS: dict[str, Callable[[GateContext], dict[str, torch.Tensor]]] = {
+    "hidden": init_hidden,
+    "random": init_random,
+    "uniform": init_uniform,
+}
+
+
+def get_gate_init(name: str) -> Callable[[GateContext], dict[str, torch.Tensor]]:
+    """The initialiser registered as ``name``; unknown names list the choices."""
+    try:
+        return GATE_INITS[name]
+    except KeyError:
+        raise ValueError(f"init={name!r} is not a gate initialiser; choose one of {sorted(GATE_INITS)}") from None
+
+
+# --- capturing site inputs -----------------------------------------------------------------
+def _reduce(h: torch.Tensor, how: str) -> torch.Tensor:
+    # h: (B, T, C) -> (B, C)
+    h = h.reshape(h.shape[0], -1, h.shape[-1])
+    return h.mean(dim=1) if how == "mean" else h[:, -1]
+
+
+@contextmanager
+def _capture_inputs(unet, sites: Sequence[Site], how: str, keep: str) -> Iterator[dict]:
+    """Hook every site; store its reduced input per call: the last one or the running sum."""
+    store: dict[str, list] = {}
+
+    def make_hook(path):
+        def hook(module, args, output):
+            r = _reduce(args[0].detach(), how).float()  # (B, C)
+            if keep == "last" or path not in store:
+                store[path] = [r, 1]
+            else:
+                store[path][0] = store[path][0] + r
+                store[path][1] += 1
+        return hook
+
+    handles = [get_module(unet, s.path).register_forward_hook(make_hook(s.path)) for s in sites]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture_hidden(pipe, sites: Sequence[Site], positive: str, negative: str, options: GateOptions, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Generate once from ``positive``/``negative`` and return one vector per site.
+
+    ``options.method == "exact"`` reproduces segmoe 0.0.4: a ``steps``-step generation whose
+    last step's input is kept, the conditional half of the guidance batch, reduced over tokens.
+    ``"fast"`` runs ``probe_steps`` steps and averages over them. With ``negative="subtract"``
+    the unconditional (negative-prompt) half is subtracted from the conditional one.
+    The UNet is run only by this one generation; the VAE decode is skipped.
+    """
+    exact = options.method == "exact"
+    steps = options.steps if exact else options.probe_steps
+    kwargs = {"num_inference_steps": steps, "output_type": "latent", "negative_prompt": negative}
+    if options.guidance_scale is not None:
+        kwargs["guidance_scale"] = options.guidance_scale
+    if options.height:
+        kwargs["height"] = options.height
+    if options.width:
+        kwargs["width"] = options.width
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with _capture_inputs(pipe.unet, sites, options.reduce, "last" if exact else "sum") as store:
+        pipe(positive, generator=generator, **kwargs)
+    rows = {}
+    for s in sites:
+        if s.path not in store:
+            raise RuntimeError(f"site {s.path} was never called during the gate-initialisation generation")
+        total, count = store[s.path]
+        r = total / count  # (B, C): B == 2 under guidance (negative half first), else 1
+        if options.negative == "subtract" and r.shape[0] > 1:
+            rows[s.path] = r[-1] - r[0]
+        else:
+            rows[s.path] = r[-1]
+    return rows
+
+
+# --- inspecting gates ----------------------------------------------------------------------
+def gate_report(unet) -> list[dict]:
+    """One dict per MoE layer: site path, max off-diagonal cosine similarity between expert
+    rows, and the gate matrix's condition number (inf for an all-zero gate)."""
+    report = []
+    for path, layer in iter_moe_layers(unet):
+        w = layer.gate.weight.detach().float().cpu()
+        unit = F.normalize(w, dim=-1)
+        cos = unit @ unit.T
+        off = cos[~torch.eye(len(w), dtype=torch.bool)]
+        sv = torch.linalg.svdvals(w)
+        cond = float("inf") if sv[-1] <= 1e-12 else float(sv[0] / sv[-1])
+        report.append({
+            "site": path,
+            "max_cosine": float(off.max()) if off.numel() else 0.0,
+            "condition_number": cond,
+            "degenerate": cond > DEGENERATE_CONDITION,
+        })
+    return report
+
+
+def warn_degenerate(report: list[dict]) -> list[str]:
+    """Warn (once, naming the sites) where a gate cannot tell its experts apart."""
+    bad = [r["site"] for r in report if r["degenerate"]]
+    if bad:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(
+            f"{len(bad)} of {len(report)} gates have a condition number above {DEGENERATE_CONDITION:g} "
+            f"and cannot tell their experts apart: {names}. Give the experts more distinct "
+            "positive prompts, or use another gate init.",
+            stacklevel=2,
+        )
+    return bad

@@ -1,0 +1,371 @@
+"""The sparse Mixture-of-Experts layer and its routing policies.
+
+:class:`MoELayer` wraps the experts of one site (see :mod:`segmoe_lab.discovery`) and a gate
+``Linear(hidden, n_experts, bias=False)``; its state-dict names are segmoe's
+(``gate.weight``, ``experts.<i>.<param>``), so merges load in both packages.
+
+Routing policies (:data:`ROUTINGS`), selectable per merge:
+
+* ``segmoe``: segmoe 0.0.4's rule. Top-k experts are chosen once from the gate logits summed
+  over every token of the whole batch (both halves of classifier-free guidance included); each
+  token then mixes the chosen k with a softmax over their logits.
+* ``per_sample``: each batch item chooses its own top-k from its logits summed over its tokens.
+* ``per_token``: Mixtral-style top-k per token.
+
+Every expert's parameters are views into per-name ``(E, ...)`` stacks (:attr:`MoELayer.stacks`). On
+accelerators and under ``torch.compile`` the chosen experts of a Linear site run as one matmul over
+the stacked rows, and diffusers' GEGLU feed-forwards under ``segmoe`` routing as two (tensor
+indices, no ``.tolist()``: the layer compiles without graph breaks). In eager mode on CPU, where a
+host sync is free and copying the chosen rows is not, each chosen expert runs on a view of its row.
+:mod:`segmoe_lab.offload` swaps in device copies of only the chosen experts' rows.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    # (B, T, C) as every transformer-block site sees it; other ranks are folded into tokens.
+    if x.dim() == 3:
+        return x
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _choose_segmoe(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    B, T, E = logits.shape
+    idx = torch.topk(logits.sum(dim=(0, 1)), top_k).indices  # (k,)
+    return idx.view(1, 1, top_k).expand(B, T, top_k)
+
+
+def _choose_per_sample(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    B, T, E = logits.shape
+    idx = torch.topk(logits.sum(dim=1), top_k, dim=-1).indices  # (B, k)
+    return idx.unsqueeze(1).expand(B, T, top_k)
+
+
+def _choose_per_token(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    return torch.topk(logits, top_k, dim=-1).indices  # (B, T, k)
+
+
+ROUTINGS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "segmoe": _choose_segmoe,
+    "per_sample": _choose_per_sample,
+    "per_token": _choose_per_token,
+}
+
+
+def get_routing(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The expert chooser registered as ``name``; unknown names list the choices."""
+    try:
+        return ROUTINGS[name]
+    except KeyError:
+        raise ValueError(f"routing={name!r} is not a routing policy; choose one of {sorted(ROUTINGS)}") from None
+
+
+def route(logits: torch.Tensor, top_k: int, routing: str = "segmoe") -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose experts and their mixing weights from gate logits.
+
+    Args:
+        logits (`torch.Tensor`): ``(B, T, E)`` gate outputs.
+        top_k (`int`): experts per token.
+        routing (`str`, *optional*, defaults to ``"segmoe"``): a key of :data:`ROUTINGS`.
+
+    Returns:
+        ``(weights, idx)``, both ``(B, T, k)``: softmax over the chosen experts' logits (float32)
+        and their indices. For ``segmoe`` / ``per_sample`` ``idx`` is a broadcast view of a
+        ``(k,)`` / ``(B, k)`` choice.
+    """
+    idx = get_routing(routing)(logits, top_k)
+    weights = F.softmax(torch.gather(logits, -1, idx).float(), dim=-1)
+    return weights, idx
+
+
+# --- stacked expert storage (performance; issue 9) -------------------------------------------
+def _rows_of_one_stack(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The ``(E, ...)`` tensor whose consecutive rows ``tensors`` already are (no copy needed), or None."""
+    first = tensors[0]
+    if first.device.type == "meta" or not first.is_contiguous():
+        return None
+    storage, n = first.untyped_storage(), first.numel()
+    for i, t in enumerate(tensors):
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype or t.shape != first.shape
+                or not t.is_contiguous() or t.storage_offset() != first.storage_offset() + i * n):
+            return None
+    return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *first.shape))
+
+
+def _stackable(experts: Sequence[nn.Module]) -> bool:
+    """Same parameter names and shapes in every expert (and no buffers), so they can share stacks."""
+    first = [(n, p.shape) for n, p in experts[0].named_parameters()]
+    if not first or any(True for _ in experts[0].buffers()):
+        return False
+    return all([(n, p.shape) for n, p in e.named_parameters()] == first for e in experts[1:])
+
+
+# parameter names of diffusers' ``FeedForward(activation_fn="geglu")``: net = [GEGLU(proj), Dropout, Linear(, Dropout)]
+GEGLU_NAMES = ("net.0.proj.weight", "net.0.proj.bias", "net.2.weight", "net.2.bias")
+
+
+def _is_geglu_ff(expert: nn.Module) -> bool:
+    """diffusers' ``FeedForward`` with a GEGLU activation, biases and no active dropout (SD 1.5 / SDXL's ff)."""
+    net = getattr(expert, "net", None)
+    if not isinstance(net, nn.ModuleList) or len(net) not in (3, 4):
+        return False
+    return (type(net[0]).__name__ == "GEGLU" and isinstance(getattr(net[0], "proj", None), nn.Linear)
+            and isinstance(net[2], nn.Linear)
+            and all(isinstance(m, nn.Dropout) and m.p == 0 for i, m in enumerate(net) if i in (1, 3))
+            and {n for n, _ in expert.named_parameters()} == set(GEGLU_NAMES))
+
+
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Whether to index expert stacks with Python ints (views) instead of copying the chosen rows.
+
+    On CPU a host sync is free and copying the chosen weights costs more than one fused matmul
+    saves (measured in ``benchmarks/inference.py``); on accelerators, and under ``torch.compile``,
+    the tensor-indexed single-matmul path runs without a host sync or graph break.
+    """
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _forward_geglu(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, stacks: dict) -> torch.Tensor:
+    """The same k GEGLU feed-forwards for every token (``segmoe`` routing), as two matmuls.
+
+    ``sum_j w_j * (geglu(x W1_j^T + b1_j) W2_j^T + b2_j)``: the first matmul runs the k experts'
+    concatenated input projections; the routing weight is folded into the hidden activations so
+    the second matmul sums over experts in its reduction dimension.
+    """
+    B, T, C = x.shape
+    k = chosen.shape[0]
+    w1_all, b1_all, w2_all, b2_all = (stacks[n] for n in GEGLU_NAMES)
+    if _eager_cpu(x):  # the k experts one by one, on views of their rows (top-1: weight exactly 1)
+        if k == 1:
+            a, g = F.linear(x, w1_all[int(chosen[0])], b1_all[int(chosen[0])]).chunk(2, dim=-1)
+            return F.linear(a * F.gelu(g), w2_all[int(chosen[0])], b2_all[int(chosen[0])])
+        out = None
+        for j, e in enumerate(chosen.tolist()):
+            a, g = F.linear(x, w1_all[e], b1_all[e]).chunk(2, dim=-1)
+            y = weights[..., j : j + 1] * F.linear(a * F.gelu(g), w2_all[e], b2_all[e])
+            out = y if out is None else out + y
+        return out
+    w1, b1 = w1_all.index_select(0, chosen), b1_all.index_select(0, chosen)  # (k, 2I, C), (k, 2I)
+    two_i = w1.shape[1]
+    h = F.linear(x, w1.reshape(k * two_i, C), b1.reshape(k * two_i)).view(B, T, k, two_i)
+    a, g = h.chunk(2, dim=-1)  # (B, T, k, I) each
+    h = a * F.gelu(g) * weights.unsqueeze(-1)  # (B, T, k, I), routing weight folded in
+    w2 = w2_all.index_select(0, chosen)  # (k, C, I)
+    out = F.linear(h.reshape(B, T, k * (two_i // 2)), w2.transpose(0, 1).reshape(C, k * (two_i // 2)))  # (B, T, C)
+    return out + weights @ b2_all.index_select(0, chosen)  # (B, T, k) @ (k, C)
+
+
+class MoELayer(nn.Module):
+    """A sparse MoE layer replacing one UNet site.
+
+    Args:
+        experts (`Sequence[nn.Module]`): one module per expert, all of one architecture
+            (taken as they are, not copied).
+        gate (`nn.Linear`, *optional*): ``Linear(hidden, n_experts, bias=False)``; a zero gate
+            (uniform routing) when omitted.
+        top_k (`int`, *optional*, defaults to 1): experts mixed per token.
+        routing (`str`, *optional*, defaults to ``"segmoe"``): a key of :data:`ROUTINGS`.
+
+    Linear experts are held as views into one ``(E, out, in)`` stack, so the chosen k run as a
+    single matmul (on CPU in eager mode: one by one on views of their rows); other experts
+    (feed-forwards) run once each on the tokens routed to them, except diffusers' GEGLU
+    feed-forwards under ``segmoe`` routing, which run from their stacks too.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], gate: nn.Linear | None = None, top_k: int = 1, routing: str = "segmoe"):
+        super().__init__()
+        if not experts:
+            raise ValueError("a MoE layer needs at least one expert")
+        if not 1 <= top_k <= len(experts):
+            raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({len(experts)})")
+        get_routing(routing)
+        self.experts = nn.ModuleList(experts)
+        first = experts[0]
+        self.hidden_size = first.in_features if isinstance(first, nn.Linear) else next(first.parameters()).shape[-1]
+        self.out_dim = first.out_features if isinstance(first, nn.Linear) else self.hidden_size
+        if gate is None:
+            p = next(first.parameters())
+            gate = nn.Linear(self.hidden_size, len(experts), bias=False, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(gate.weight)
+        if tuple(gate.weight.shape) != (len(experts), self.hidden_size):
+            raise ValueError(f"gate weight is {tuple(gate.weight.shape)}, expected ({len(experts)}, {self.hidden_size})")
+        self.gate = gate
+        self.top_k = top_k
+        self.routing = routing
+        self._linear = all(isinstance(e, nn.Linear) for e in experts)
+        self._geglu = not self._linear and all(_is_geglu_ff(e) for e in experts)
+        self._offload = None  # an offload.SiteOffload while expert offload is on (segmoe_lab.offload)
+        self.restack()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing!r}"
+
+    # --- stacked storage for the experts -------------------------------------------------
+    def restack(self) -> None:
+        """Make every expert parameter a view into one ``(E, ...)`` stack per parameter name.
+
+        Linear experts always stack (``_w`` is ``(E, out, in)``, ``_b`` ``(E, out)``); other experts
+        stack when all have the same parameters and no buffers (``stacks`` is ``None`` otherwise).
+        Parameters that already are consecutive rows of one tensor (a builder that filled a stack,
+        or a restack after a no-op ``.to()``) are adopted without a copy.
+        """
+        self._w = self._b = None
+        self.stacks: Optional[dict[str, torch.Tensor]] = None
+        if not (self._linear or _stackable(self.experts)):
+            return
+        stacks = {}
+        with torch.no_grad():
+            for name, _ in self.experts[0].named_parameters():
+                params = [e.get_parameter(name) for e in self.experts]
+                stack = _rows_of_one_stack([p.data for p in params])
+                if stack is None:
+                    stack = torch.stack([p.data for p in params])
+                for i, p in enumerate(params):
+                    p.data = stack[i]
+                stacks[name] = stack  # not registered: the experts' views carry the state dict
+        self.stacks = stacks
+        if self._linear:
+            self._w = stacks["weight"]  # (E, out, in)
+            self._b = stacks.get("bias")  # (E, out) or None
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() replace each parameter separately, which unties the stacked views.
+        super()._apply(fn, recurse)
+        self.restack()
+        return self
+
+    # --- forward -----------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = _as_3d(hidden_states)  # (B, T, C)
+        logits = self.gate(x)  # (B, T, E)
+        weights, idx = route(logits, self.top_k, self.routing)
+        weights = weights.to(x.dtype)
+        if self._offload is not None:  # expert offload: device copies of the chosen experts only
+            out = self._offload.run(self, x, weights, idx, args, kwargs)
+        else:
+            out = self.run_experts(x, weights, idx, args, kwargs)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, args: tuple = (),
+                    kwargs: Optional[dict] = None, stacks: Optional[dict] = None) -> torch.Tensor:
+        """Mix the routed experts on ``x`` (B, T, C).
+
+        ``stacks`` (name -> ``(S, ...)`` tensors) replaces the layer's own expert stacks, with
+        ``idx`` indexing its rows (expert offload passes device slots here).
+        """
+        kwargs = kwargs or {}
+        if self._linear:
+            w, b = (self._w, self._b) if stacks is None else (stacks["weight"], stacks.get("bias"))
+            return self._forward_linear(x, weights, idx, w, b)
+        if self._geglu and self.routing == "segmoe":
+            return _forward_geglu(x, weights, idx[0, 0], self.stacks if stacks is None else stacks)
+        if stacks is None:
+            return self._forward_modules(x, weights, idx, lambda e, h: self.experts[e](h, *args, **kwargs), self.num_experts)
+        from torch.func import functional_call
+
+        template, rows = self.experts[0], next(iter(stacks.values())).shape[0]
+        return self._forward_modules(
+            x, weights, idx, lambda e, h: functional_call(template, {n: t[e] for n, t in stacks.items()}, (h, *args), kwargs),
+            rows)
+
+    def _forward_linear(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                        w_all: Optional[torch.Tensor] = None, b_all: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        if w_all is None:
+            w_all, b_all = self._w, self._b
+        k, E, out_dim = self.top_k, w_all.shape[0], w_all.shape[1]
+        if _eager_cpu(x):  # each routed expert once, on views of its rows (per_token: on its tokens only)
+            def call(e: int, h: torch.Tensor) -> torch.Tensor:
+                return F.linear(h, w_all[e], None if b_all is None else b_all[e])
+
+            return self._forward_modules(x, weights, idx, call, E)
+        if self.routing == "segmoe":
+            chosen = idx[0, 0]  # (k,)
+            w = w_all.index_select(0, chosen).reshape(k * out_dim, C)
+            y = F.linear(x, w).view(B, T, k, out_dim)
+            b = None if b_all is None else b_all.index_select(0, chosen)  # (k, out)
+        elif self.routing == "per_sample":
+            chosen = idx[:, 0]  # (B, k)
+            w = w_all[chosen].reshape(B, k * out_dim, C)
+            y = torch.bmm(x, w.transpose(1, 2)).view(B, T, k, out_dim)
+            b = None if b_all is None else b_all[chosen]  # (B, k, out)
+        else:  # per_token: every expert on every token, then keep each token's chosen k
+            y_all = F.linear(x, w_all.reshape(E * out_dim, C)).view(B, T, E, out_dim)
+            y = torch.gather(y_all, 2, idx.unsqueeze(-1).expand(B, T, k, out_dim))
+            b = None if b_all is None else b_all[idx]  # (B, T, k, out)
+        out = torch.einsum("btk,btko->bto", weights, y)
+        if b is not None:
+            if b.dim() == 2:
+                out = out + weights @ b
+            elif b.dim() == 3:
+                out = out + torch.bmm(weights, b)
+            else:
+                out = out + torch.einsum("btk,btko->bto", weights, b)
+        return out
+
+    def _forward_modules(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                         call: Callable[[int, torch.Tensor], torch.Tensor], n: int) -> torch.Tensor:
+        # call(e, h): expert e (a row of idx's index space, of size n) on tokens h
+        B, T, C = x.shape
+        if self.routing == "segmoe":
+            if idx.shape[-1] == 1:  # top-1: the softmax weight is exactly 1, so skip the multiply
+                return call(int(idx[0, 0, 0]), x)
+            out = None
+            for j, e in enumerate(idx[0, 0].tolist()):
+                y = weights[..., j : j + 1] * call(e, x)
+                out = y if out is None else out + y
+            return out
+        # per_sample / per_token: dense (B, T, E) mixing weights, each expert runs on its rows only
+        dense = torch.zeros(B, T, n, dtype=x.dtype, device=x.device).scatter_(-1, idx, weights)
+        member = torch.zeros(B, T, n, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
+        out = None
+        if self.routing == "per_sample":
+            used = member[:, 0, :]  # (B, E)
+            for e in torch.nonzero(used.any(0)).flatten().tolist():
+                rows = used[:, e]
+                y = call(e, x[rows]) * dense[rows, :, e : e + 1]
+                if out is None:
+                    out = x.new_zeros(B, T, y.shape[-1])
+                out[rows] += y
+            return out
+        flat_x, flat_w, flat_m = x.reshape(B * T, C), dense.reshape(B * T, -1), member.reshape(B * T, -1)
+        for e in torch.nonzero(flat_m.any(0)).flatten().tolist():
+            rows = torch.nonzero(flat_m[:, e]).flatten()
+            y = call(e, flat_x[rows].unsqueeze(0)).squeeze(0) * flat_w[rows, e : e + 1]
+            if out is None:
+                out = x.new_zeros(B * T, y.shape[-1])
+            out.index_add_(0, rows, y)
+        return out.view(B, T, -1)
+
+
+def iter_moe_layers(module: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+    """Every :class:`MoELayer` inside ``module``, with its dotted path."""
+    for name, m in module.named_modules():
+        if isinstance(m, MoELayer):
+            yield name, m
+
+
+def set_routing(module: nn.Module, routing: str | None = None, top_k: int | None = None) -> None:
+    """Change the routing policy and/or ``top_k`` of every MoE layer in ``module`` in place."""
+    if routing is not None:
+        get_routing(routing)
+    for _, layer in iter_moe_layers(module):
+        if routing is not None:
+            layer.routing = routing
+        if top_k is not None:
+            if not 1 <= top_k <= layer.num_experts:
+                raise ValueError(f"top_k={top_k} must be between 1 and {layer.num_experts}")
+            layer.top_k = top_k

@@ -1,0 +1,93 @@
+"""What a comparison leaves behind: image grids, a scorer-agreement plot and a report folder.
+
+:func:`report` writes the tidy table (CSV + Parquet), per-model summaries, paired statistics
+(overall and per category), scorer agreement, one prompts x models grid per seed, the settings
+and model fingerprints (``config.json``) and a ``report.md`` with the tables.
+
+Example::
+
+    result = run_comparison(CompareConfig(merge="toy"))
+    report(result, "reports/toy")
+    grid(result, seed=0).save("grid.png")
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import pandas as pd
+
+from . import stats
+from .compare import Comparison, image_key
+
+
+def grid(result: Comparison, seed: Optional[int] = None, prompts: Optional[list] = None, models: Optional[list] = None,
+         cell: int = 128, label_width: int = 220):
+    """Prompts (rows) x models (columns) for one seed (default: the first), as one labelled PIL image."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    seed = result.config.seeds[0] if seed is None else seed
+    prompts = list(result.prompts.prompt) if prompts is None else list(prompts)
+    refs = [r for r in result.models if models is None or r.name in models]
+    font, head = ImageFont.load_default(size=12), 22
+    canvas = Image.new("RGB", (label_width + cell * len(refs), head + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), f"seed {seed}", fill="gray", font=font)
+    for j, ref in enumerate(refs):
+        draw.text((label_width + j * cell + 4, 4), ref.name, fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        y = head + i * cell
+        draw.multiline_text((4, y + 4), _wrap(prompt, label_width // 7), fill="black", font=font)
+        for j, ref in enumerate(refs):
+            im = result.cache.load(ref, image_key(prompt, seed, result.settings))
+            method = Image.Resampling.LANCZOS if im.width > cell else Image.Resampling.NEAREST
+            canvas.paste(ImageOps.pad(im, (cell, cell), method, color="white"), (label_width + j * cell, y))
+    return canvas
+
+
+def _wrap(text: str, width: int, lines: int = 6) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(width, 8))[:lines])
+
+
+def plot_agreement(table: pd.DataFrame, x: str, y: str, ax=None):
+    """Scatter of scorer ``y`` against scorer ``x`` over the same images, one colour per model."""
+    import matplotlib.pyplot as plt
+
+    wide = table.pivot_table(index=["model", "prompt_id", "seed"], columns="scorer", values="score").reset_index()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 3.5))
+    for model, g in wide.groupby("model", sort=False):
+        ax.scatter(g[x], g[y], label=model, alpha=0.7, s=18)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+def report(result: Comparison, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int = 2000, seed: int = 0) -> Path:
+    """Write the tables (CSV + Parquet), summaries, paired statistics, scorer agreement and grids to ``out_dir``."""
+    out = Path(out_dir)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    t = result.table
+    t.to_csv(out / "results.csv", index=False)
+    t.to_parquet(out / "results.parquet", index=False)
+    tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
+              "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
+              "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}
+    scorers = list(dict.fromkeys(t.scorer))
+    if len(scorers) > 1:
+        tables["agreement"] = pd.concat([stats.agreement(t, a, b) for i, a in enumerate(scorers) for b in scorers[i + 1:]])
+    for name, df in tables.items():
+        df.to_csv(out / f"{name}.csv", index=False)
+    for s in result.config.seeds:
+        grid(result, seed=s).save(out / "grids" / f"seed_{s}.png")
+    meta = {"config": result.config.model_dump(mode="json"), "settings": result.settings, "generated": result.generated,
+            "models": [{"name": r.name, "fingerprint": r.fingerprint, "detail": r.detail} for r in result.models]}
+    (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    md = [f"# Comparison: {len(result.prompts)} prompts x {len(result.config.seeds)} seeds, unit={unit}"]
+    md += [f"\n## {name}\n\n```\n{df.round(4).to_string(index=False)}\n```" for name, df in tables.items()]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out
