@@ -80,6 +80,19 @@ def generate(merge: str = typer.Argument(..., help="merge folder, hub id, or mer
 
 @app.command()
 @friendly_errors
+def demo(out: Path = typer.Option(Path("report"), "--out", help="report folder (replaced; its image cache is kept)"),
+         n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="fewer prompts, taken in turn from each domain"),
+         seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2"),
+         quiet: bool = typer.Option(False, "--quiet", help="no progress bars")):
+    """The main job on the toy world: build the toy merge, record its gates, judge it against its
+    base and experts, and write a report folder (about 5 minutes on 2 CPU cores)."""
+    from .demo import run_demo
+
+    run_demo(out, n_prompts=n_prompts, seeds=_int_list(seeds), progress=not quiet, log=typer.echo)
+
+
+@app.command()
+@friendly_errors
 def validate(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's schema)")):
     """Check a merge config without loading any model: print its summary, or every problem in it."""
     from .config import load_config, summarize

@@ -19,11 +19,18 @@ def test_sites_are_every_down_and_up_transformer_block_times_the_layer_kinds(une
     assert len(find_sites(unet, "all")) == 7 * len(blocks)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+# Vega and SSD-1B reduce the mid block to ResNets: no transformer block to find there.
+@pytest.mark.parametrize("layout", ["sd15", "sdxl"])
 def test_mid_block_sites_come_only_with_include_mid(unets, layout):
     unet = unets[layout]
     assert not any(s.block == "mid" for s in find_sites(unet, "ff"))
     assert any(s.block == "mid" for s in find_sites(unet, "ff", include_mid=True))
+
+
+@pytest.mark.parametrize("layout", ["vega", "ssd1b"])
+def test_include_mid_adds_nothing_where_the_mid_block_has_no_attention(unets, layout):
+    unet = unets[layout]
+    assert find_sites(unet, "all", include_mid=True) == find_sites(unet, "all")
 
 
 def test_segmoes_block_ranges_for_sd15_and_sdxl(unets):
