@@ -131,6 +131,8 @@ class MergeConfig(_Strict):
     def to_segmoe_dict(self) -> dict[str, Any]:
         """The keys segmoe 0.0.4 itself reads: what a merge folder stores as ``segmoe_config``."""
         d = self.model_dump(include={"base_model", "num_experts", "moe_layers", "num_experts_per_tok", "type", "init"})
+        if "init" not in self.model_fields_set:  # segmoe copies only the keys a YAML gives; its default is hidden
+            d.pop("init")
         d["experts"] = [e.model_dump(exclude={"loras"} if not e.loras else None) for e in self.experts]
         if self.loras:
             d["loras"] = [lora.model_dump() for lora in self.loras]

@@ -91,8 +91,8 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
-        for child in out.iterdir():  # keep the image cache: a re-run regenerates nothing
-            if child != cache:
+        for child in out.iterdir():  # keep the image cache and the merge: a re-run regenerates nothing
+            if child not in (cache, out / "merge"):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
@@ -100,10 +100,16 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     _say(log, "1/4 building the toy merge (3 domain experts, moe_layers=all, gates from each expert's prompts)")
     cfg = toy.merge_config()
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    merge = SegMoEPipeline(cfg, device="cpu", torch_dtype="float32", progress=progress)
+    if _same_merge(out / "merge", cfg):
+        # Rebuilding would give the same weights but new file times, hence a new fingerprint and
+        # every merge image generated again.
+        merge = SegMoEPipeline(out / "merge", device="cpu", torch_dtype="float32")
+        timings["reused"] = True
+    else:
+        torch.manual_seed(0)
+        merge = SegMoEPipeline(cfg, device="cpu", torch_dtype="float32", progress=progress)
+        merge.save_pretrained(out / "merge", overwrite=True)
     timings["build_s"] = time.perf_counter() - t0
-    merge.save_pretrained(out / "merge", overwrite=True)
     sites = len(merge.moe_layers)
 
     _say(log, "2/4 recording gates on one held-out prompt per domain")
@@ -139,6 +145,23 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     return out
 
 
+def _same_merge(folder: Path, cfg) -> bool:
+    """Whether ``folder`` holds a complete merge built from ``cfg`` (by an earlier demo run)."""
+    from .io import MergeFolderError, read_merge_config
+
+    if not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+        return False
+    try:
+        if read_merge_config(folder)[1] != cfg:
+            return False
+    except (MergeFolderError, ValueError, OSError):
+        return False
+    built = (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime
+    sources = [Path(cfg.base_model), *(Path(e.source_model) for e in cfg.experts)]
+    newest = max(f.stat().st_mtime for p in sources for f in ([p] if p.is_file() else p.rglob("*")))
+    return newest < built  # retrained toy weights mean a new merge
+
+
 def _model_names(cfg) -> dict[str, str]:
     """``expert_<i>`` -> the expert's folder name (its domain in the toy world)."""
     return {f"expert_{i}": Path(e.source_model).name for i, e in enumerate(cfg.experts)}
@@ -160,7 +183,9 @@ def _readme(cfg, sites, n_prompts, seeds, steps, guidance, timings, generated, s
         "# segmoe-lab demo: the toy world",
         "",
         f"Merge: {cfg.num_experts} experts ({', '.join(names.values())}), top-{cfg.num_experts_per_tok}, "
-        f"moe_layers={cfg.moe_layers}, routing={cfg.routing}, {sites} MoE sites; built in {timings['build_s']:.1f} s.",
+        f"moe_layers={cfg.moe_layers}, routing={cfg.routing}, {sites} MoE sites; "
+        + (f"loaded from the previous run's merge/ in {timings['build_s']:.1f} s." if timings.get("reused")
+           else f"built in {timings['build_s']:.1f} s."),
         f"Comparison: {n_prompts} toy prompts x seeds {seeds}, {steps} steps, guidance {guidance}; "
         f"images generated this run: {sum(generated.values())} (the rest came from the cache) in "
         f"{timings['compare_s']:.0f} s. Gates recorded in {timings['gates_s']:.1f} s.",
