@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import struct
 from contextlib import contextmanager
@@ -80,14 +81,32 @@ def fuse_loras(pipe, loras: list[LoraConfig], what: str) -> None:
         res = sources.resolve_source(lora.source_model)
         name = f"lora{j}"
         try:
-            pipe.load_lora_weights(str(res.path), adapter_name=name)
+            with _quiet_diffusers():  # it logs the whole mismatch list before raising; we raise a short one
+                pipe.load_lora_weights(str(res.path), adapter_name=name)
         except Exception as err:  # diffusers raises many types for a LoRA that does not fit
             raise MergeError(
-                f"{what}: LoRA {lora.source_model} does not fit this model ({type(err).__name__}: {err}). "
+                f"{what}: LoRA {lora.source_model} does not fit this model ({_first_lines(err)}). "
                 "Use a LoRA trained for the same base architecture (sd vs sdxl)."
             ) from None
         pipe.fuse_lora(components=["unet"], lora_scale=lora.scale, adapter_names=[name])
         pipe.unload_lora_weights()
+
+
+@contextmanager
+def _quiet_diffusers():
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _first_lines(err: Exception, lines: int = 2, chars: int = 400) -> str:
+    """The head of an error whose message may list hundreds of mismatched tensors."""
+    text = " ".join(line.strip() for line in str(err).splitlines()[:lines])
+    return f"{type(err).__name__}: {text[:chars]}{' ...' if len(str(err)) > len(text) else ''}"
 
 
 def check_same_architecture(reference: dict[str, torch.Size], candidate: dict[str, torch.Size], what: str) -> None:
