@@ -18,6 +18,11 @@ _LAZY = {
     "Site": "segmoe_lab.discovery",
     "MoELayer": "segmoe_lab.moe",
     "record_gates": "segmoe_lab.recording",
+    "GateRecording": "segmoe_lab.recording",
+    "run_comparison": "segmoe_lab.compare",
+    "CompareConfig": "segmoe_lab.compare",
+    "cache_cross_kv": "segmoe_lab.kvcache",
+    "enable_expert_offload": "segmoe_lab.offload",
 }
 
 __all__ = ["ConfigError", "MergeConfig", "load_config", "parse_config", *_LAZY]
