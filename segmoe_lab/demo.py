@@ -72,6 +72,7 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     import matplotlib
 
     matplotlib.use("Agg")  # the demo writes files; it never needs a window
+    import matplotlib.pyplot as plt
     import pandas as pd
     import torch
 
@@ -119,6 +120,7 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     held_out = load_prompts("toy", n=len(toy.DOMAINS))
     fig, frame = gate_figure(merge, list(held_out.prompt), steps, guidance_scale)
     fig.savefig(out / "gates.png", dpi=110)
+    plt.close(fig)  # a library call must not leave figures for a notebook's inline display
     routing = domain_routing(frame, dict(zip(held_out.prompt, held_out.category)), domain_experts(cfg, toy.DOMAINS))
     routing.to_csv(out / "gate_routing.csv", index=False)
     timings["gates_s"] = time.perf_counter() - t0
