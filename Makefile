@@ -19,5 +19,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n 2 tests
 
+# One torch thread: the toy models are tiny, and on 2 cores the demo took 4:19 with one thread
+# (the other core busy) against 4:46 with two. Override with `make demo OMP_NUM_THREADS=2`.
+OMP_NUM_THREADS ?= 1
 demo: $(STAMP)
-	$(VENV)/bin/segmoe-lab demo
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(VENV)/bin/segmoe-lab demo
