@@ -84,8 +84,7 @@ def demo(out: Path = typer.Option(Path("report"), "--out", help="report folder (
          n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="fewer prompts, taken in turn from each domain"),
          seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2"),
          quiet: bool = typer.Option(False, "--quiet", help="no progress bars")):
-    """The main job on the toy world: build the toy merge, record its gates, judge it against its
-    base and experts, and write a report folder (about 5 minutes on 2 CPU cores)."""
+    """The main job on the toy world: build, record gates, judge against base and experts; write a report (~5 min on 2 cores)."""
     from .demo import run_demo
 
     run_demo(out, n_prompts=n_prompts, seeds=_int_list(seeds), progress=not quiet, log=typer.echo)
