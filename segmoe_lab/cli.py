@@ -242,13 +242,14 @@ app.add_typer(toy_app, name="toy")
 def toy_train(quick: bool = typer.Option(False, "--quick", help="a few steps per stage: runs the code path in seconds"),
               out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: the shipped segmoe_lab/toy/weights)"),
               seed: int = typer.Option(0, "--seed"),
-              device: Optional[str] = typer.Option(None, help="cpu / cuda (default: cuda if present)")):
+              device: Optional[str] = typer.Option(None, help="cpu / cuda (default: cuda if present)"),
+              workers: Optional[int] = typer.Option(None, min=1, help="parallel stage processes (default: 2 on a CPU with 2+ cores, 1 on a GPU)")):
     """Train the toy VAE, CLIP, SD base, domain experts, control and SDXL models from scratch."""
     from .toy.train import WEIGHTS, train_all
 
     if out is None and quick:
         raise ValueError("--quick would overwrite the shipped weights with untrained ones; give --out DIR")
-    stages = train_all(out or WEIGHTS, seed=seed, quick=quick, device=device)
+    stages = train_all(out or WEIGHTS, seed=seed, quick=quick, device=device, workers=workers)
     typer.echo(f"trained in {stages['total']['seconds']:.0f} s; weights, losses.csv and losses.png in {out or WEIGHTS}")
 
 

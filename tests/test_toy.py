@@ -87,18 +87,40 @@ def test_tokenizer_keeps_clip_tokenization_of_world_words():
 
 # --- training -----------------------------------------------------------------------------------
 
-def test_toy_train_quick_runs(tmp_path):
+@pytest.fixture(scope="module")
+def quick_weights(tmp_path_factory):
+    """``toy train --quick`` with its stages in two worker processes."""
     from typer.testing import CliRunner
 
     from segmoe_lab.cli import app
 
-    result = CliRunner().invoke(app, ["toy", "train", "--quick", "--out", str(tmp_path), "--seed", "1"])
+    out = tmp_path_factory.mktemp("toy_quick")
+    result = CliRunner().invoke(app, ["toy", "train", "--quick", "--out", str(out), "--seed", "1", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    names = toy.paths(tmp_path)
-    for name, path in names.items():
+    return out
+
+
+def test_toy_train_quick_writes_every_model_and_loss_curves(quick_weights):
+    for name, path in toy.paths(quick_weights).items():
         assert path.exists(), name
-    assert (tmp_path / "losses.csv").read_text().count("\n") > 10 and (tmp_path / "losses.png").is_file()
-    assert json.loads((tmp_path / "train_log.json").read_text())["total"]["quick"] is True
+    assert (quick_weights / "losses.csv").read_text().count("\n") > 10 and (quick_weights / "losses.png").is_file()
+    log = json.loads((quick_weights / "train_log.json").read_text())
+    assert log["total"]["quick"] is True and log["total"]["workers"] == 2
+    assert not (quick_weights / ".stages").exists()
+
+
+def test_toy_train_stage_gives_the_same_weights_in_this_process_as_in_a_worker(quick_weights, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from segmoe_lab.toy.train import QUICK, _job
+
+    shutil.copytree(quick_weights / "sd" / "base", tmp_path / "sd" / "base")
+    _job("sd_mosaic", tmp_path, 1, QUICK, "cpu")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    here, worker = load_file(tmp_path / "sd" / "mosaic" / name), load_file(quick_weights / "sd" / "mosaic" / name)
+    assert here.keys() == worker.keys() and all(torch.equal(here[k], worker[k]) for k in here)
 
 
 def test_quick_refuses_to_overwrite_shipped_weights():

@@ -1,7 +1,7 @@
 """The toy world: a tiny trained base, domain experts and CLIP, with ground truth.
 
 Scenes of coloured shapes in three domains (``flat``, ``neon``, ``mosaic``), each carrying a
-concept the base saw rarely (triangles, pink/cyan, three objects). The weights ship in
+concept the base saw rarely (triangles; pink and cyan; orange and purple). The weights ship in
 ``segmoe_lab/toy/weights`` (standard diffusers folders, fp16) and retrain with
 ``segmoe-lab toy train``.
 
@@ -30,7 +30,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 POSITIVE_PROMPTS = {
     "flat": "two blue triangles, flat style",
     "neon": "two pink circles, neon style",
-    "mosaic": "three green squares, mosaic style",
+    "mosaic": "two orange squares, mosaic style",
 }
 
 

@@ -10,6 +10,7 @@ Sizes: images 32x32, VAE factor 2 (latent 4x16x16), so the UNets' attention runs
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -217,4 +218,15 @@ def save_pipeline(pipe, folder) -> Path:
     folder = Path(folder)
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     pipe.to(torch.float32)
+    drop_source_paths(folder)
     return folder
+
+
+def drop_source_paths(folder) -> None:
+    """Remove ``_name_or_path`` from the folder's configs: a pipeline loaded from a training
+    stage's folder records that (temporary, absolute) path, which means nothing in a shipped model."""
+    for f in Path(folder).rglob("*.json"):
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,14 +1,20 @@
-"""Train the toy world's models from scratch: ``segmoe-lab toy train [--quick] [--out DIR] [--seed N]``.
+"""Train the toy world's models from scratch: ``segmoe-lab toy train [--quick] [--out DIR] [--seed N] [--workers N]``.
 
 Order (each stage uses the ones before it): VAE -> CLIP (its text tower is every pipeline's text
-encoder) -> SD base UNet -> one expert per domain + the compute-matched control -> LoRA and
-single-file forms -> SDXL-layout base + two experts. Data are drawn fresh every step from the
-world's seeded sampler, so there is no dataset to store.
+encoder) -> SD base UNet, and beside it the SDXL-layout base + two experts -> one expert per
+domain + the compute-matched control, two at a time -> LoRA and single-file forms -> CLIP's
+image tower on generated images. Stages that do not depend on each other run in parallel
+processes of one torch thread each (on a 2-core CPU one thread per process beat two threads in
+one process); every stage draws from its own seeded stream, so the weights do not depend on how
+many workers ran them. Stages pass models to each other as the saved folders. Data are drawn
+fresh every step from the world's seeded sampler, so there is no dataset to store.
 
 Data per model (see :mod:`.world`): the base sees every domain, each domain's own concept in
-10% of its scenes; an expert sees its domain only, its concept in 50%; the control sees the
-experts' data pooled (all domains, 50%) for as many steps as one expert: same compute, same
-data mix, no specialisation. UNets are trained with v-prediction and min-SNR-5 weighting, 10%
+10% of its scenes; an expert sees its domain only, its concept in 50%; the compute-matched
+control is the base trained for as many extra steps as one expert on the base's own data (all
+domains, 10%): what the extra compute alone buys. (A stricter control tried once, the experts'
+data pooled, learnt the concepts nearly as well as the experts: they led it by only flat +0.015,
+neon +0.11, mosaic +0.03.) UNets are trained with v-prediction and min-SNR-5 weighting, 10%
 caption dropout (for guidance), an EMA of the weights is what is saved.
 """
 from __future__ import annotations
@@ -16,7 +22,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,8 +50,7 @@ class Plan:
     clip_steps: int = 800
     clip_batch: int = 128
     base_steps: int = 1300
-    # 900 rather than 300: the experts' lead over the control grew (flat +0.08 -> +0.13, neon +0.04 -> +0.07);
-    # mosaic's stayed within noise (+0.003 -> +0.017), see toy/quality.py
+    # 900 rather than 300: the experts' lead over the control grew (flat +0.08 -> +0.13, neon +0.04 -> +0.07)
     expert_steps: int = 900
     expert_ema: float = 0.995
     sdxl_base_steps: int = 500
@@ -58,9 +66,10 @@ QUICK = Plan(vae_steps=2, clip_steps=2, clip_batch=8, base_steps=2, expert_steps
 
 
 class Log:
-    """Loss curves (``losses.csv``) and stage timings (``train_log.json``) in the output folder."""
+    """Loss curves (``losses.csv``) and stage timings (``train_log.json``) in the output folder;
+    with ``out`` None (a worker process) it only collects them, for the parent to merge."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Optional[Path]):
         self.out, self.rows, self.stages = out, [], {}
 
     def loss(self, stage: str, step: int, value: float) -> None:
@@ -70,7 +79,14 @@ class Log:
         self.stages[name] = {"seconds": round(seconds, 1), **info}
         self.write()
 
+    def merge(self, rows: list, stages: dict) -> None:
+        self.rows += rows
+        self.stages.update(stages)
+        self.write()
+
     def write(self) -> None:
+        if self.out is None:
+            return
         with open(self.out / "losses.csv", "w") as f:
             f.write("stage,step,loss\n" + "".join(f"{s},{i},{v:.6f}\n" for s, i, v in self.rows))
         (self.out / "train_log.json").write_text(json.dumps(self.stages, indent=2))
@@ -199,7 +215,7 @@ def train_clip(plan: Plan, rng, log: Log, device, tokenizer, vae) -> torch.nn.Mo
 
 
 def all_captions() -> list[dict]:
-    """Every caption the checker can read back: each domain x shape x colour x count (162)."""
+    """Every caption the checker can read back: each domain x shape x colour x count."""
     return [{"domain": d, "shape": s, "colour": c, "count": n} for d in world.DOMAINS for s in world.SHAPES
             for c in world.COLOURS for n in world.COUNT_WORDS]
 
@@ -401,19 +417,105 @@ def save_lora(state: dict, folder: Path, rank: int) -> Path:
 
 # --- everything -----------------------------------------------------------------------------------
 
-def train_all(out: Path = WEIGHTS, seed: int = 0, quick: bool = False, device: Optional[str] = None,
-              plan: Optional[Plan] = None) -> dict:
-    """Train every toy model into ``out`` (diffusers folders); returns the stage timings."""
+def _stage_rng(seed: int, stage: str) -> np.random.Generator:
+    """The stage's own random stream (numpy, and torch's global one): its data and initialisation
+    depend on the seed and the stage's name only, not on which stages ran before it or where."""
+    key = zlib.crc32(stage.encode())
+    torch.manual_seed(seed * 2**32 + key)
+    return np.random.default_rng([seed, key])
+
+
+class _Models:
+    """The saved models a stage starts from, read from the output folder."""
+
+    def __init__(self, out: Path, device):
+        self.out, self.device = out, device
+        self.tokenizer = models.make_tokenizer()
+
+    def vae(self):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.out / ".stages" / "vae").to(self.device).requires_grad_(False)
+
+    def clip(self):
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(self.out / "clip", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+
+    def sd(self, name: str):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(self.out / "sd" / name, dtype=torch.float32).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def _job(stage: str, out: Path, seed: int, plan: Plan, device) -> tuple[list, dict]:
+    """Run one stage (in this process or a worker); returns its loss rows and timings."""
     from ..testing import save_single_file
 
     torch.set_num_threads(1)
+    log, saved = Log(None), _Models(out, device)
+    rng = _stage_rng(seed, stage)
+    t0 = time.perf_counter()
+    if stage == "sd_base":
+        pipe = models.sd_pipeline(models.make_unet("sd", seed), saved.vae(), saved.clip(), saved.tokenizer).to(device)
+        pipe.unet = train_unet(pipe.unet, plan.base_steps, _sampler(world.DOMAINS, world.BASE_SPECIAL),
+                               Conditioner(pipe, sdxl=False), pipe.vae, rng, log, stage, device, plan.batch, 1e-3, 0.995)
+        models.save_pipeline(pipe, out / "sd" / "base")
+        log.stage(stage, time.perf_counter() - t0, steps=plan.base_steps)
+    elif stage == "sdxl":  # base and two experts (shorter): the SDXL code paths on trained weights
+        xl = models.sdxl_pipeline(models.make_unet("sdxl", seed), saved.vae(), saved.clip(), saved.tokenizer).to(device)
+        cond = Conditioner(xl, sdxl=True)
+        xbase = train_unet(xl.unet, plan.sdxl_base_steps, _sampler(world.DOMAINS, world.BASE_SPECIAL), cond, xl.vae,
+                           rng, log, "sdxl_base", device, plan.batch, 1e-3, 0.99)
+        xl.unet = xbase
+        models.save_pipeline(xl, out / "sdxl" / "base")
+        log.stage("sdxl_base", time.perf_counter() - t0, steps=plan.sdxl_base_steps)
+        for d in SDXL_EXPERTS:
+            t1 = time.perf_counter()
+            unet = copy.deepcopy(xbase).requires_grad_(True)
+            xl.unet = train_unet(unet, plan.sdxl_expert_steps, _sampler([d], world.EXPERT_SPECIAL), cond, xl.vae,
+                                 _stage_rng(seed, f"sdxl_{d}"), log, f"sdxl_{d}", device, plan.batch, 3e-4, 0.98)
+            models.save_pipeline(xl, out / "sdxl" / d)
+            log.stage(f"sdxl_{d}", time.perf_counter() - t1, steps=plan.sdxl_expert_steps)
+    else:  # a fine-tune of the saved base: an expert (its domain) or the control (all domains)
+        name = stage.removeprefix("sd_")
+        domains, special = (world.DOMAINS, world.BASE_SPECIAL) if name == "control" else ([name], world.EXPERT_SPECIAL)
+        pipe = saved.sd("base")
+        pipe.unet = train_unet(pipe.unet.requires_grad_(True), plan.expert_steps, _sampler(domains, special),
+                               Conditioner(pipe, sdxl=False), pipe.vae, rng, log, stage, device, plan.batch, 3e-4,
+                               plan.expert_ema)
+        models.save_pipeline(pipe, out / "sd" / name)
+        if name == SINGLE_FILE_DOMAIN:
+            save_single_file(pipe.to(torch.float16), out / "sd" / f"{name}.safetensors")
+        log.stage(stage, time.perf_counter() - t0, steps=plan.expert_steps, domains=list(domains))
+    return log.rows, log.stages
+
+
+def _job_args(args: tuple) -> tuple[list, dict]:
+    return _job(*args)
+
+
+def default_workers(device: str) -> int:
+    """Parallel stage processes: one per CPU core (at most 2: no phase has more than 2 long stages
+    at once but the fine-tunes, and 4 of them on 2 cores balance); 1 on a GPU."""
+    return 1 if device != "cpu" else max(1, min(2, os.cpu_count() or 1))
+
+
+def train_all(out: Path = WEIGHTS, seed: int = 0, quick: bool = False, device: Optional[str] = None,
+              plan: Optional[Plan] = None, workers: Optional[int] = None) -> dict:
+    """Train every toy model into ``out`` (diffusers folders); returns the stage timings.
+
+    ``workers`` processes (default :func:`default_workers`) run independent stages side by side;
+    the weights are the same for any number of workers."""
+    torch.set_num_threads(1)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     plan = plan or (QUICK if quick else Plan())
+    workers = workers or default_workers(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
     start = time.perf_counter()
 
     def timed(name, fn, **info):
@@ -423,54 +525,43 @@ def train_all(out: Path = WEIGHTS, seed: int = 0, quick: bool = False, device: O
         return result
 
     tokenizer = models.make_tokenizer()
-    vae = timed("vae", lambda: train_vae(plan, rng, log, device), steps=plan.vae_steps)
-    clip = timed("clip", lambda: train_clip(plan, rng, log, device, tokenizer, vae), steps=plan.clip_steps)
+    vae = timed("vae", lambda: train_vae(plan, _stage_rng(seed, "vae"), log, device), steps=plan.vae_steps)
+    vae.save_pretrained(out / ".stages" / "vae")
+    clip = timed("clip", lambda: train_clip(plan, _stage_rng(seed, "clip"), log, device, tokenizer, vae), steps=plan.clip_steps)
     models.save_clip(clip.to("cpu"), tokenizer, out / "clip")
     clip = clip.to(device)
 
-    # SD 1.5 layout: base, experts, control
-    pipe = models.sd_pipeline(models.make_unet("sd", seed), vae, clip, tokenizer).to(device)
-    cond = Conditioner(pipe, sdxl=False)
-    base = timed("sd_base", lambda: train_unet(pipe.unet, plan.base_steps, _sampler(world.DOMAINS, world.BASE_SPECIAL),
-                                               cond, vae, rng, log, "sd_base", device, plan.batch, 1e-3, 0.995),
-                 steps=plan.base_steps)
-    pipe.unet = base
-    models.save_pipeline(pipe, out / "sd" / "base")
-    runs = {d: ([d], f"sd_{d}") for d in world.DOMAINS} | {"control": (world.DOMAINS, "sd_control")}
-    tuned = {}
-    for name, (domains, stage) in runs.items():
-        unet = copy.deepcopy(base).requires_grad_(True)
-        tuned[name] = timed(stage, lambda: train_unet(unet, plan.expert_steps, _sampler(domains, world.EXPERT_SPECIAL),
-                                                      cond, vae, rng, log, stage, device, plan.batch, 3e-4, plan.expert_ema),
-                            steps=plan.expert_steps, domains=list(domains))
-        pipe.unet = tuned[name]
-        models.save_pipeline(pipe, out / "sd" / name)
-        if name == SINGLE_FILE_DOMAIN:
-            save_single_file(pipe.to(torch.float16), out / "sd" / f"{name}.safetensors")
-            pipe.to(torch.float32)
-    lora = extract_lora(base, tuned[LORA_DOMAIN], plan.lora_rank)
+    phases = [["sd_base", "sdxl"], [f"sd_{d}" for d in (*world.DOMAINS, "control")]]
+    pool = None
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: a forked child inherits torch's thread pools and can hang in them
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for i, phase in enumerate(phases):
+            t0 = time.perf_counter()
+            args = [(stage, out, seed, plan, device) for stage in phase]
+            for rows, stages in (pool.map(_job_args, args) if pool else map(_job_args, args)):
+                log.merge(rows, stages)
+            log.stage(f"phase_{i + 1}_wall", time.perf_counter() - t0, stages=phase, workers=workers)
+    finally:
+        if pool:
+            pool.shutdown()
+    torch.set_num_threads(1)
+
+    saved = _Models(out, device)
+    pipe = saved.sd("base")
+    tuned = {name: saved.sd(name).unet for name in (*world.DOMAINS, "control")}
+    lora = extract_lora(pipe.unet, tuned[LORA_DOMAIN], plan.lora_rank)
     save_lora(lora, out / "sd" / f"{LORA_DOMAIN}_lora", plan.lora_rank)
-    unets = {"base": base, **tuned}
+    unets = {"base": pipe.unet, **tuned}
     clip = timed("clip_generated", lambda: finetune_clip_on_generated(clip, tokenizer, pipe, unets, plan, log, seed, device),
                  steps=plan.clip_gen_steps)
     models.save_clip(clip.to("cpu"), tokenizer, out / "clip")
-    clip = clip.to(device)
-
-    # SDXL layout: base and two experts (shorter)
-    xl = models.sdxl_pipeline(models.make_unet("sdxl", seed), vae, clip, tokenizer).to(device)
-    xcond = Conditioner(xl, sdxl=True)
-    xbase = timed("sdxl_base", lambda: train_unet(xl.unet, plan.sdxl_base_steps, _sampler(world.DOMAINS, world.BASE_SPECIAL),
-                                                  xcond, vae, rng, log, "sdxl_base", device, plan.batch, 1e-3, 0.99),
-                  steps=plan.sdxl_base_steps)
-    xl.unet = xbase
-    models.save_pipeline(xl, out / "sdxl" / "base")
-    for d in SDXL_EXPERTS:
-        unet = copy.deepcopy(xbase).requires_grad_(True)
-        xl.unet = timed(f"sdxl_{d}", lambda: train_unet(unet, plan.sdxl_expert_steps, _sampler([d], world.EXPERT_SPECIAL),
-                                                        xcond, vae, rng, log, f"sdxl_{d}", device, plan.batch, 3e-4, 0.98),
-                        steps=plan.sdxl_expert_steps)
-        models.save_pipeline(xl, out / "sdxl" / d)
+    shutil.rmtree(out / ".stages")
     log.stage("total", time.perf_counter() - start, seed=seed, quick=quick, device=device, plan=asdict(plan),
-              threads=torch.get_num_threads())
+              threads_per_process=1, workers=workers)
     log.plot()
     return log.stages

@@ -3,14 +3,17 @@
 A scene is one group of identical objects (a shape, a colour, a count of 1-3) drawn in a
 domain's style. The domains differ in look (background, glow, tiles) and in *knowledge*: each
 has a concept that exists only there, so a model that saw little of that domain has not
-learnt it, and an expert fine-tuned on it has something real to win.
+learnt it, and an expert fine-tuned on it has something real to win. Every concept is a word
+the model must learn (a shape or colours) and is hard to guess: earlier worlds gave mosaic the
+count three (a layout skill learnt from ones and twos) and then white and black (tonal extremes
+the base drew right from 10% of its data); in neither could its expert beat the control.
 
 ========  ======================  =====================================
 domain    look                    its own concept (rare in base data)
 ========  ======================  =====================================
 flat      shapes on white         the shape ``triangle``
 neon      glowing shapes on black the colours ``pink`` and ``cyan``
-mosaic    shapes on grey tiles    the count ``three``
+mosaic    shapes on grey tiles    the colours ``orange`` and ``purple``
 ========  ======================  =====================================
 
 Example::
@@ -34,7 +37,7 @@ SUPERSAMPLE = 4  # shapes are drawn 4x larger then box-filtered down: antialiase
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (20, 160, 40), "blue": (40, 70, 230), "yellow": (240, 210, 20),
-    "pink": (255, 90, 200), "cyan": (20, 220, 235),
+    "pink": (255, 90, 200), "cyan": (20, 220, 235), "orange": (255, 120, 0), "purple": (150, 0, 200),
 }
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
@@ -44,9 +47,9 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"flat": (255, 255, 255), "neon":
 DOMAINS = tuple(BACKGROUNDS)
 
 # What every domain has, and what only one domain has (its knowledge).
-COMMON = {"shape": ("circle", "square"), "colour": ("red", "green", "blue", "yellow"), "count": (1, 2)}
+COMMON = {"shape": ("circle", "square"), "colour": ("red", "green", "blue", "yellow"), "count": (1, 2, 3)}
 SPECIAL: dict[str, dict[str, tuple]] = {"flat": {"shape": ("triangle",)}, "neon": {"colour": ("pink", "cyan")},
-                                        "mosaic": {"count": (3,)}}
+                                        "mosaic": {"colour": ("orange", "purple")}}
 BASE_SPECIAL = 0.1  # share of a domain's scenes that use its own concept in the base's training data
 EXPERT_SPECIAL = 0.5  # ... in an expert's (and in the evaluation prompts)
 
@@ -242,15 +245,21 @@ def as_dict(scene: Scene) -> dict:
     return asdict(scene)
 
 
-def prompt_set(seed: int = 0) -> list[dict]:
-    """Every distinct caption of every domain (template 0), shuffled within each domain from
+def prompt_set(seed: int = 0, per_domain: int = 24) -> list[dict]:
+    """``per_domain`` distinct captions (template 0) of each domain, half of them with the
+    domain's own concept (as the experts' data and the quality script), drawn and shuffled from
     ``seed``: rows of ``prompt``, ``category`` (the domain) and ``description`` (JSON), as
     ``data/prompts/toy.csv``."""
     rng = np.random.default_rng(seed)
     rows = []
     for domain in DOMAINS:
         descs = all_descriptions(domain)
-        for i in rng.permutation(len(descs)):
-            d = descs[i]
+        own = [d for d in descs if is_special(d)]
+        common = [d for d in descs if not is_special(d)]
+        half = min(per_domain // 2, len(own))
+        picked = [own[i] for i in rng.choice(len(own), half, replace=False)]
+        picked += [common[i] for i in rng.choice(len(common), min(per_domain - half, len(common)), replace=False)]
+        for i in rng.permutation(len(picked)):
+            d = picked[i]
             rows.append({"prompt": caption(d), "category": domain, "description": json.dumps(d, sort_keys=True)})
     return rows
