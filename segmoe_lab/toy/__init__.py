@@ -67,13 +67,13 @@ def expert_paths(layout: str = "sd") -> dict[str, Path]:
     raise ValueError(f"layout {layout!r}: choose 'sd' or 'sdxl'")
 
 
-def load_pipeline(name: str = "base", device: str = "cpu"):
+def load_pipeline(name: str = "base", device: str = "cpu", weights=None):
     """A shipped model (a name of :func:`paths`: ``base``, an expert, ``control``, ``sdxl_base`` ...)
-    as a float32 diffusers pipeline."""
+    as a float32 diffusers pipeline; ``weights`` reads another weights folder (as ``toy train --out``)."""
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    p = paths()
+    p = paths(weights)
     if name not in p or name in ("clip", "mosaic_lora", "neon_single_file"):
         raise ValueError(f"model {name!r} is not a toy pipeline; choose one of "
                          f"{[k for k in p if k not in ('clip', 'mosaic_lora', 'neon_single_file')]}")

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -443,11 +443,14 @@ class _Models:
         return CLIPModel.from_pretrained(self.out / "clip", dtype=torch.float32).to(self.device).eval().requires_grad_(False)
 
     def sd(self, name: str):
-        from diffusers import StableDiffusionPipeline
+        from . import load_pipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(self.out / "sd" / name, dtype=torch.float32).to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return load_pipeline(name, self.device, weights=self.out)
+
+    def unet(self, name: str):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(self.out / "sd" / name, subfolder="unet", dtype=torch.float32).to(self.device)
 
 
 def _job(stage: str, out: Path, seed: int, plan: Plan, device) -> tuple[list, dict]:
@@ -491,10 +494,6 @@ def _job(stage: str, out: Path, seed: int, plan: Plan, device) -> tuple[list, di
             save_single_file(pipe.to(torch.float16), out / "sd" / f"{name}.safetensors")
         log.stage(stage, time.perf_counter() - t0, steps=plan.expert_steps, domains=list(domains))
     return log.rows, log.stages
-
-
-def _job_args(args: tuple) -> tuple[list, dict]:
-    return _job(*args)
 
 
 def default_workers(device: str) -> int:
@@ -542,18 +541,17 @@ def train_all(out: Path = WEIGHTS, seed: int = 0, quick: bool = False, device: O
     try:
         for i, phase in enumerate(phases):
             t0 = time.perf_counter()
-            args = [(stage, out, seed, plan, device) for stage in phase]
-            for rows, stages in (pool.map(_job_args, args) if pool else map(_job_args, args)):
+            args = [phase] + [[x] * len(phase) for x in (out, seed, plan, device)]
+            for rows, stages in (pool.map if pool else map)(_job, *args):
                 log.merge(rows, stages)
             log.stage(f"phase_{i + 1}_wall", time.perf_counter() - t0, stages=phase, workers=workers)
     finally:
         if pool:
             pool.shutdown()
-    torch.set_num_threads(1)
 
     saved = _Models(out, device)
     pipe = saved.sd("base")
-    tuned = {name: saved.sd(name).unet for name in (*world.DOMAINS, "control")}
+    tuned = {name: saved.unet(name) for name in (*world.DOMAINS, "control")}
     lora = extract_lora(pipe.unet, tuned[LORA_DOMAIN], plan.lora_rank)
     save_lora(lora, out / "sd" / f"{LORA_DOMAIN}_lora", plan.lora_rank)
     unets = {"base": pipe.unet, **tuned}
