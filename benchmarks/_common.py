@@ -45,7 +45,7 @@ def bench_unet_config(layout: str, size: str = "medium") -> dict:
     """``testing.tiny_unet_config(layout)`` with the block widths of ``WIDTHS[size]`` (``"tiny"``: unchanged)."""
     from segmoe_lab.testing import tiny_unet_config
 
-    from segmoe_lab.layouts import unet_config
+    from segmoe_lab.sources.layouts import unet_config
 
     cfg = tiny_unet_config(layout)
     if size != "tiny":

@@ -27,8 +27,8 @@ import torch, diffusers, transformers
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 torch.set_num_threads(1)
-from segmoe_lab.build import build_merge
-from segmoe_lab.config import parse_config
+from segmoe_lab.merge.build import build_merge
+from segmoe_lab.merge.config import parse_config
 cfg = parse_config(json.loads(CONFIG))
 torch.manual_seed(0)
 probe = Probe(); t = time.perf_counter()
@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--no-segmoe", action="store_true", help="skip segmoe 0.0.4")
     args = ap.parse_args()
     C.setup_torch(1)
-    from segmoe_lab.layouts import model_type
+    from segmoe_lab.sources.layouts import model_type
 
     py, note = (None, "segmoe skipped (--no-segmoe)") if args.no_segmoe else C.segmoe_python()
     print(note)

@@ -29,9 +29,9 @@ torch = C.setup_torch(1)
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from segmoe_lab.discovery import find_sites, get_module, set_module  # noqa: E402
-from segmoe_lab.kvcache import cache_cross_kv  # noqa: E402
-from segmoe_lab.moe import MoELayer, iter_moe_layers, set_routing  # noqa: E402
+from segmoe_lab.merge.discovery import find_sites, get_module, set_module  # noqa: E402
+from segmoe_lab.merge.kvcache import cache_cross_kv  # noqa: E402
+from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, set_routing  # noqa: E402
 from segmoe_lab.testing import unet_inputs  # noqa: E402
 
 ROUTINGS = ("segmoe", "per_sample", "per_token")
@@ -140,7 +140,7 @@ def kv_cache_table(base, inputs, args) -> list[dict]:
 
 
 def offload_table(base, inputs, args) -> list[dict]:
-    from segmoe_lab.offload import enable_expert_offload, resident_bytes_plan
+    from segmoe_lab.merge.offload import enable_expert_offload, resident_bytes_plan
 
     k = min(2, args.experts)
     merged = merge_in_memory(base, "all", args.experts, top_k=k)
@@ -173,10 +173,10 @@ def offload_table(base, inputs, args) -> list[dict]:
 
 def real_size_offload() -> list[dict]:
     """SegMoE's 4x2 SDXL ``all`` merge at real size, float16, on the meta device: resident bytes."""
-    from segmoe_lab import layouts
-    from segmoe_lab.config import load_config
-    from segmoe_lab.estimate import meta_merge
-    from segmoe_lab.offload import ExpertOffload, resident_bytes_plan
+    from segmoe_lab.sources import layouts
+    from segmoe_lab.merge.config import load_config
+    from segmoe_lab.merge.estimate import meta_merge
+    from segmoe_lab.merge.offload import ExpertOffload, resident_bytes_plan
 
     cfg = load_config(C.REPO / "experiments" / "segmoe_4x2.yaml")
     _, unet, _ = meta_merge(layouts.unet_config("sdxl"), cfg)
@@ -198,9 +198,9 @@ def real_size_macs() -> list[dict]:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from segmoe_lab import layouts
-    from segmoe_lab.config import load_config
-    from segmoe_lab.kvcache import cross_kv_projections
+    from segmoe_lab.sources import layouts
+    from segmoe_lab.merge.config import load_config
+    from segmoe_lab.merge.kvcache import cross_kv_projections
 
     rows = []
     for name, layout, px in (("segmoe_2x1", "sdxl", 1024), ("segmoe_4x2", "sdxl", 1024), ("segmoe_sd_4x2", "sd15", 512)):
@@ -236,12 +236,12 @@ import json, statistics, time, torch
 from safetensors.torch import load_file
 torch.set_num_threads(1)
 from segmoe import SegMoEPipeline
-from segmoe_lab.io import load_merged_unet
+from segmoe_lab.merge.io import load_merged_unet
 inputs = load_file(INPUTS)
 kwargs = {"sample": inputs["sample"], "timestep": inputs["timestep"], "encoder_hidden_states": inputs["encoder_hidden_states"]}
 if "text_embeds" in inputs:
     kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-from segmoe_lab.kvcache import cache_cross_kv
+from segmoe_lab.merge.kvcache import cache_cross_kv
 unets = {"segmoe-lab": load_merged_unet(FOLDER, torch.float32)[0],
          "segmoe-lab + K/V cache": load_merged_unet(FOLDER, torch.float32)[0],
          "segmoe": SegMoEPipeline(FOLDER, device="cpu", torch_dtype=torch.float32).pipe.unet}
@@ -259,8 +259,8 @@ print("RESULT " + json.dumps({"step_s": {k: statistics.median(v) for k, v in tim
 def segmoe_table(base, inputs, args, layout: str) -> list[dict]:
     from safetensors.torch import save_file
 
-    from segmoe_lab.config import parse_config
-    from segmoe_lab.io import save_merge
+    from segmoe_lab.merge.config import parse_config
+    from segmoe_lab.merge.io import save_merge
 
     py, note = C.segmoe_python()
     print(note)

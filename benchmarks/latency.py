@@ -26,8 +26,8 @@ import _common as C
 
 torch = C.setup_torch(1)
 
-from segmoe_lab.build import build_merge  # noqa: E402
-from segmoe_lab.kvcache import cache_cross_kv  # noqa: E402
+from segmoe_lab.merge.build import build_merge  # noqa: E402
+from segmoe_lab.merge.kvcache import cache_cross_kv  # noqa: E402
 from segmoe_lab.testing import make_pipeline, write_fixture_set  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Recording overhead: a 25-step generation with and without :func:`segmoe_lab.recording.record_gates`.
+"""Recording overhead: a 25-step generation with and without :func:`segmoe_lab.observe.recording.record_gates`.
 
 One process, side by side: the same merge generates the same prompt with the same seed (a
 classifier-free-guidance batch of 2) without recording, with recording (reductions only) and with
@@ -31,9 +31,9 @@ import _common as C
 
 torch = C.setup_torch(1)
 
-from segmoe_lab.build import build_merge  # noqa: E402
-from segmoe_lab.moe import iter_moe_layers  # noqa: E402
-from segmoe_lab.recording import record_gates  # noqa: E402
+from segmoe_lab.merge.build import build_merge  # noqa: E402
+from segmoe_lab.merge.moe import iter_moe_layers  # noqa: E402
+from segmoe_lab.observe.recording import record_gates  # noqa: E402
 
 PROMPT = "a photo of a red cat"
 

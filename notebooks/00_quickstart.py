@@ -58,7 +58,7 @@ output_dir = None          # where results.csv goes (set by `segmoe-lab run`)
 
 # %%
 from segmoe_lab import notebook as nb
-from segmoe_lab.config import summarize
+from segmoe_lab.merge.config import summarize
 
 knobs = dict(moe_layers=moe_layers, num_experts_per_tok=num_experts_per_tok, routing=routing)
 cfg = nb.merge_config(config, **knobs)
@@ -83,8 +83,8 @@ pipe
 # gate records which experts it weighted, at every layer and denoising step.
 
 # %%
-from segmoe_lab import plots
-from segmoe_lab.recording import record_gates
+from segmoe_lab.observe import plots
+from segmoe_lab.observe.recording import record_gates
 
 recording = record_gates(pipe, list(table.prompt), steps=gen.steps, seed=gen.seed, guidance_scale=gen.guidance_scale)
 images = recording.images

@@ -54,7 +54,7 @@ print(place)
 # written back with every default spelt out, and reads back as the same config.
 
 # %%
-from segmoe_lab.config import ConfigError, load_config, parse_config
+from segmoe_lab.merge.config import ConfigError, load_config, parse_config
 
 path = work / "merge.yaml"
 path.write_text(cfg.to_yaml())
@@ -76,7 +76,7 @@ except ConfigError as err:
 # becomes an MoE layer: the experts' copies of it plus a gate. Counted on an empty (meta) model.
 
 # %%
-from segmoe_lab.estimate import estimate
+from segmoe_lab.merge.estimate import estimate
 
 sites = nb.site_table(cfg)
 print(f"{len(sites)} sites for moe_layers={cfg.moe_layers!r}")

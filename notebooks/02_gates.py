@@ -44,10 +44,11 @@ output_dir = None          # where results.csv goes (set by `segmoe-lab run`)
 
 # %%
 from segmoe_lab import notebook as nb
-from segmoe_lab import plots
-from segmoe_lab.config import summarize
-from segmoe_lab.explore import explore
-from segmoe_lab.recording import describe_domain_routing, domain_experts, domain_routing, record_gates
+from segmoe_lab.observe import plots
+from segmoe_lab.merge.config import summarize
+from segmoe_lab.observe.explore import explore
+from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
+from segmoe_lab.observe.recording import record_gates
 
 knobs = dict(moe_layers=moe_layers, num_experts_per_tok=num_experts_per_tok, routing=routing)
 cfg = nb.merge_config(config, **knobs)

@@ -50,9 +50,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from segmoe_lab import notebook as nb, stats
-from segmoe_lab.compare import CompareConfig, run_comparison
-from segmoe_lab.report import plot_agreement
+from segmoe_lab import notebook as nb
+
+from segmoe_lab.judge import stats
+from segmoe_lab.judge.compare import CompareConfig, run_comparison
+from segmoe_lab.judge.report import plot_agreement
 
 config = CompareConfig.of(merge=merge, prompts=prompts, n_prompts=n_prompts, seeds=seeds, scorers=scorers,
                           sampling={"steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler},

@@ -36,8 +36,8 @@ def build(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's 
           device: Optional[str] = typer.Option(None, help="cpu / cuda (default: cuda if present)"),
           overwrite: bool = typer.Option(False, help="replace out_dir if it exists")):
     """Build a merge and save it in segmoe's folder format (drop-in for `segmoe config.yaml out_dir`)."""
-    from .config import load_config
-    from .pipeline import SegMoEPipeline
+    from segmoe_lab.merge.config import load_config
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
 
     cfg = load_config(config)
     out_dir = Path(out_dir)
@@ -61,7 +61,7 @@ def generate(merge: str = typer.Argument(..., help="merge folder, hub id, or mer
     """Generate one image with a merge."""
     import torch
 
-    from .pipeline import SegMoEPipeline
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
 
     pipe = SegMoEPipeline(merge, device=device, progress=False)
     kwargs = {"num_inference_steps": steps, "negative_prompt": negative_prompt}
@@ -85,7 +85,7 @@ def demo(out: Path = typer.Option(Path("report"), "--out", help="report folder (
          seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2"),
          quiet: bool = typer.Option(False, "--quiet", help="no progress bars")):
     """The main job on the toy world: build, record gates, judge against base and experts; write a report (~5 min on 2 cores)."""
-    from .demo import run_demo
+    from segmoe_lab.demo import run_demo
 
     run_demo(out, n_prompts=n_prompts, seeds=_int_list(seeds), progress=not quiet, log=typer.echo)
 
@@ -94,7 +94,7 @@ def demo(out: Path = typer.Option(Path("report"), "--out", help="report folder (
 @friendly_errors
 def validate(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's schema)")):
     """Check a merge config without loading any model: print its summary, or every problem in it."""
-    from .config import load_config, summarize
+    from segmoe_lab.merge.config import load_config, summarize
 
     typer.echo(summarize(load_config(config)))
 
@@ -107,7 +107,7 @@ def run_cmd(experiment: Path = typer.Argument(..., help="experiment YAML (notebo
             grid: bool = typer.Option(False, "--grid", help="one run per point of the experiment's grid"),
             out: Path = typer.Option(Path("runs"), "--out", help="runs folder")):
     """Execute an experiment's notebook into OUT/NAME/<timestamp>/ (with --grid, once per grid point)."""
-    from .runner import run_experiment
+    from segmoe_lab.runner import run_experiment
 
     def started(i, n, point):
         typer.echo(f"[{i + 1}/{n}] " + (" ".join(f"{k}={v}" for k, v in point.items()) or "parameters"), nl=False)
@@ -128,7 +128,7 @@ def run_cmd(experiment: Path = typer.Argument(..., help="experiment YAML (notebo
 def runs_cmd(out: Path = typer.Option(Path("runs"), "--out", help="runs folder"),
              output: Optional[Path] = typer.Option(None, "-o", "--output", help="write the collected table (CSV)")):
     """Collect every run's results.csv into one table (with run, status and grid point)."""
-    from .runner import collect_runs
+    from segmoe_lab.runner import collect_runs
 
     table = collect_runs(out)
     per_run = table.groupby("run", sort=False).agg(status=("run_status", "first"), rows=("run", "size"),
@@ -148,8 +148,8 @@ def estimate(config: Path = typer.Argument(..., help="merge config (YAML) or mer
              layout: Optional[str] = typer.Option(None, help="UNet layout to assume: sd15, sdxl, vega or ssd1b "
                                                              "(default: from the base model, else by type)")):
     """Print parameter counts and float16/float32 weight memory of the base and the merge, loading no weights."""
-    from .estimate import estimate as run_estimate
-    from .layouts import LAYOUTS
+    from segmoe_lab.merge.estimate import estimate as run_estimate
+    from segmoe_lab.sources.layouts import LAYOUTS
 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r} is not known; choose one of {', '.join(LAYOUTS)}")
@@ -183,7 +183,7 @@ def compare_cmd(merge: str = typer.Argument("toy", help="merge config YAML, merg
                 clip_pretrained: Optional[str] = typer.Option(None, help="open_clip tag or weights file (default openai)"),
                 torchmetrics_model: Optional[str] = typer.Option(None, help="transformers CLIP folder or hub id for torchmetrics"),
                 models: Optional[str] = typer.Option(None, help="comma-separated: merge, base, experts, expert_<i>"),
-                config: Optional[Path] = typer.Option(None, help="YAML of comparison settings (segmoe_lab.compare.CompareConfig); flags override it"),
+                config: Optional[Path] = typer.Option(None, help="YAML of comparison settings (segmoe_lab.judge.compare.CompareConfig); flags override it"),
                 cache_dir: Optional[Path] = typer.Option(None, help="image cache (default $SEGMOE_LAB_CACHE/images)"),
                 out: Path = typer.Option(Path("comparison"), "--out", help="report folder"),
                 device: Optional[str] = typer.Option(None, help="auto / cpu / cuda"),
@@ -195,8 +195,8 @@ def compare_cmd(merge: str = typer.Argument("toy", help="merge config YAML, merg
     """
     import yaml
 
-    from .compare import CompareConfig, run_comparison
-    from .report import report
+    from segmoe_lab.judge.compare import CompareConfig, run_comparison
+    from segmoe_lab.judge.report import report
 
     values = yaml.safe_load(config.read_text()) or {} if config else {}
     if not isinstance(values, dict):
@@ -245,7 +245,7 @@ def toy_train(quick: bool = typer.Option(False, "--quick", help="a few steps per
               device: Optional[str] = typer.Option(None, help="cpu / cuda (default: cuda if present)"),
               workers: Optional[int] = typer.Option(None, min=1, help="parallel stage processes (default: 2 on a CPU with 2+ cores, 1 on a GPU)")):
     """Train the toy VAE, CLIP, SD base, domain experts, control and SDXL models from scratch."""
-    from .toy.train import WEIGHTS, train_all
+    from segmoe_lab.toy.train import WEIGHTS, train_all
 
     if out is None and quick:
         raise ValueError("--quick would overwrite the shipped weights with untrained ones; give --out DIR")
@@ -260,7 +260,7 @@ def toy_quality(n: int = typer.Option(200, help="generated prompts per domain"),
                 out: Optional[Path] = typer.Option(None, "--out", help="write quality.json here"),
                 weights: Optional[Path] = typer.Option(None, help="weights folder (default: the shipped ones)")):
     """Measure the world: experts vs base vs control on ground truth, CLIP retrieval, CLIP-truth Spearman."""
-    from .toy.quality import main as quality_main
+    from segmoe_lab.toy.quality import main as quality_main
 
     quality_main(n=n, steps=steps, out=out, weights=weights)
 

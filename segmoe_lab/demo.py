@@ -40,8 +40,8 @@ def gate_figure(pipe, prompts: Sequence[str], steps: int = STEPS, guidance: floa
     """Record the merge's gates on ``prompts`` and return ``(figure, frame)``: one heatmap per prompt."""
     import matplotlib.pyplot as plt
 
-    from .plots import site_heatmap
-    from .recording import record_gates
+    from segmoe_lab.observe.plots import site_heatmap
+    from segmoe_lab.observe.recording import record_gates
 
     rec = record_gates(pipe, list(prompts), steps=steps, guidance_scale=guidance)
     frame = rec.frame()
@@ -76,10 +76,12 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     import pandas as pd
     import torch
 
-    from . import stats, toy
-    from .compare import CompareConfig, load_prompts, run_comparison
-    from .pipeline import SegMoEPipeline
-    from .recording import describe_domain_routing, domain_experts, domain_routing
+    from segmoe_lab.judge import stats
+
+    from segmoe_lab import toy
+    from segmoe_lab.judge.compare import CompareConfig, load_prompts, run_comparison
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
+    from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
 
     if not progress:
         from diffusers.utils import logging as diffusers_logging
@@ -149,7 +151,7 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
 
 def _same_merge(folder: Path, cfg) -> bool:
     """Whether ``folder`` holds a complete merge built from ``cfg`` (by an earlier demo run)."""
-    from .io import MergeFolderError, read_merge_config
+    from segmoe_lab.merge.io import MergeFolderError, read_merge_config
 
     if not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         return False
@@ -171,7 +173,7 @@ def _model_names(cfg) -> dict[str, str]:
 
 def _readme(cfg, sites, n_prompts, seeds, steps, guidance, timings, generated, summary, paired, routing_text,
             names) -> str:
-    from . import stats
+    from segmoe_lab.judge import stats
 
     def table(df):
         df = df.copy()

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ConfigError, MergeConfig, SchedulerName, load_config, parse_config
+from segmoe_lab.merge.config import ConfigError, MergeConfig, SchedulerName, load_config, parse_config
 
 GiB = 2**30
 HEADROOM = 1.5 * GiB  # activations, CUDA context and allocator slack on top of the weights (rough)
@@ -71,14 +71,14 @@ def merge_config(config: Union[str, Path, MergeConfig] = "toy", **overrides: Any
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if str(config) == "toy" and not isinstance(config, MergeConfig):
-        from . import toy
+        from segmoe_lab import toy
 
         return toy.merge_config(**overrides)
     if isinstance(config, MergeConfig):
         cfg, source = config, "config"
     elif is_built_merge(config):
-        from .io import read_merge_config
-        from .sources import resolve_source
+        from segmoe_lab.merge.io import read_merge_config
+        from segmoe_lab.sources import resolve_source
 
         folder = Path(config) if Path(config).is_dir() else resolve_source(str(config)).path
         cfg, source = read_merge_config(folder)[1], str(config)
@@ -98,7 +98,7 @@ class Placement:
 
     device: str
     dtype: str
-    offload: str  # "none", "model" (diffusers model CPU offload) or "experts" (segmoe_lab.offload)
+    offload: str  # "none", "model" (diffusers model CPU offload) or "experts" (segmoe_lab.merge.offload)
     note: str
 
     def __str__(self) -> str:
@@ -137,7 +137,7 @@ class Runtime(BaseModel):
 def _offload_for(cfg: MergeConfig, dtype: str) -> tuple[str, str]:
     import torch
 
-    from .estimate import estimate
+    from segmoe_lab.merge.estimate import estimate
 
     est = estimate(cfg)
     size = 2 if dtype in ("float16", "bfloat16") else 4
@@ -155,7 +155,7 @@ def open_merge(config: Union[str, Path, MergeConfig], place: Placement, progress
     """A :class:`~segmoe_lab.SegMoEPipeline` placed as ``place`` says: built from a config
     (``"toy"``, a YAML file or a :class:`MergeConfig`, with ``overrides``), or loaded from a merge
     folder / hub id (``routing`` and ``num_experts_per_tok`` overrides applied after loading)."""
-    from .pipeline import SegMoEPipeline
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
 
     on = place.device if place.offload == "none" else "cpu"
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -169,7 +169,7 @@ def open_merge(config: Union[str, Path, MergeConfig], place: Placement, progress
     if place.offload == "model":
         pipe.pipe.enable_model_cpu_offload(device=place.device)
     elif place.offload == "experts":
-        from .offload import enable_expert_offload
+        from segmoe_lab.merge.offload import enable_expert_offload
 
         pipe.expert_offload = enable_expert_offload(pipe.pipe, place.device)
     pipe.pipe.set_progress_bar_config(disable=True)
@@ -207,7 +207,7 @@ def _diffusers(pipe):
 @contextmanager
 def use_scheduler(pipe, name: Optional[str]):
     """Generate with scheduler ``name`` (built from the pipeline's own config) inside the block."""
-    from .build import make_scheduler
+    from segmoe_lab.merge.build import make_scheduler
 
     target = _diffusers(pipe)
     old = target.scheduler
@@ -285,7 +285,7 @@ def prompt_table(prompts: Sequence[str] = (), n: int = 4, prompt_set: str = "toy
     the toy world's, with ground-truth descriptions) taken in turn from each category."""
     import pandas as pd
 
-    from .compare import load_prompts
+    from segmoe_lab.judge.compare import load_prompts
 
     if isinstance(prompts, str):
         raise NotebookError(f"prompts={prompts!r}: give a list of prompts, e.g. [{prompts!r}]")
@@ -297,9 +297,9 @@ def prompt_table(prompts: Sequence[str] = (), n: int = 4, prompt_set: str = "toy
 
 
 def judge(name: str = "toy_truth", **options):
-    """``judge(images, table) -> scores``: the scorer ``name`` of :data:`segmoe_lab.scoring.SCORERS`
+    """``judge(images, table) -> scores``: the scorer ``name`` of :data:`segmoe_lab.judge.scorers.SCORERS`
     (``toy_truth``: the toy world's ground truth; ``clip``: CLIP score, ``model="toy"`` on the toy world)."""
-    from .scoring import get_scorer
+    from segmoe_lab.judge.scorers import get_scorer
 
     scorer = get_scorer(name, **options)
 
@@ -330,8 +330,8 @@ def score_table(images: Sequence, table, judges_: dict):
 
 def open_base(cfg: MergeConfig, place: Placement, progress: bool = False):
     """The merge's base model alone (a diffusers pipeline), with the merge's scheduler, placed as ``place``."""
-    from .build import DTYPES, make_scheduler
-    from .sources import load_pipeline, resolve_source
+    from segmoe_lab.merge.build import DTYPES, make_scheduler
+    from segmoe_lab.sources import load_pipeline, resolve_source
 
     pipe = load_pipeline(resolve_source(cfg.base_model, model_type=cfg.type), cfg.type, torch_dtype=DTYPES[place.dtype])
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler)
@@ -350,8 +350,8 @@ def site_table(cfg: MergeConfig):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from .discovery import find_sites, get_module
-    from .estimate import model_configs
+    from segmoe_lab.merge.discovery import find_sites, get_module
+    from segmoe_lab.merge.estimate import model_configs
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(model_configs(cfg).unet)

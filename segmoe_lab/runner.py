@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config import _UniqueKeyLoader
+from segmoe_lab.merge.config import _UniqueKeyLoader
 
 RESULTS_FILE = "results.csv"
 STATUS_FILE = "status.json"

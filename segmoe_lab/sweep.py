@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .config import SchedulerName
-from .notebook import Generation, _validate
+from segmoe_lab.merge.config import SchedulerName
+from segmoe_lab.notebook import Generation, _validate
 
 FACTORS = ("steps", "guidance_scale", "negative_prompt", "seed", "scheduler")
 
@@ -82,7 +82,7 @@ def run_sweep(models: dict, table, sweep: Sweep, judge: Callable[[list, object],
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .notebook import generate
+    from segmoe_lab.notebook import generate
 
     rows, points = [], sweep.points()
     bar = tqdm(total=len(models) * len(points), desc="sweep", disable=not progress)

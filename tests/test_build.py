@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from segmoe_lab import sources
-from segmoe_lab.build import MergeError, build_merge
-from segmoe_lab.discovery import find_sites, get_module
-from segmoe_lab.moe import ROUTINGS, iter_moe_layers, set_routing
+from segmoe_lab.merge.build import MergeError, build_merge
+from segmoe_lab.merge.discovery import find_sites, get_module
+from segmoe_lab.merge.moe import ROUTINGS, iter_moe_layers, set_routing
 from segmoe_lab.testing import LAYOUTS, unet_inputs
 
 
@@ -109,8 +109,8 @@ def test_mid_block_is_mixed_only_when_asked(fixture_sets):
 
 
 def test_lora_only_config_splits_loras_across_copies_of_the_base():
-    from segmoe_lab.build import expert_specs
-    from segmoe_lab.config import parse_config
+    from segmoe_lab.merge.build import expert_specs
+    from segmoe_lab.merge.config import parse_config
 
     cfg = parse_config({"base_model": "b", "num_experts": 2, "loras": [
         {"source_model": f"l{i}", "positive_prompt": f"p{i}"} for i in range(3)]})

@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from segmoe_lab import toy
-from segmoe_lab.build import MergeError, build_merge
+from segmoe_lab.merge.build import MergeError, build_merge
 from segmoe_lab.cli import app
-from segmoe_lab.config import parse_config
-from segmoe_lab.moe import iter_moe_layers
+from segmoe_lab.merge.config import parse_config
+from segmoe_lab.merge.moe import iter_moe_layers
 
 P = toy.paths()
 

@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segmoe_lab import compare, stats
-from segmoe_lab.compare import CompareConfig, load_prompts, run_comparison
+from segmoe_lab.judge import compare
+
+from segmoe_lab.judge import stats
+from segmoe_lab.judge.compare import CompareConfig, load_prompts, run_comparison
 from test_scoring import make_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from segmoe_lab.cli import app
-from segmoe_lab.config import ConfigError, MergeConfig, load_config, parse_config, summarize
+from segmoe_lab.merge.config import ConfigError, MergeConfig, load_config, parse_config, summarize
 
 EXAMPLES = Path(__file__).parent / "data" / "segmoe_examples"
 SEGMOE_EXAMPLES = sorted(EXAMPLES.glob("segmoe_config_*.yaml"))

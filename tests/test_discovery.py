@@ -1,7 +1,7 @@
 """Site discovery walks the module tree: every layout works without block indices."""
 import pytest
 
-from segmoe_lab.discovery import find_sites, site_from_path, transformer_blocks
+from segmoe_lab.merge.discovery import find_sites, site_from_path, transformer_blocks
 from segmoe_lab.testing import LAYOUTS, make_pipeline
 
 

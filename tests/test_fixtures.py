@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from segmoe_lab import layouts
+from segmoe_lab.sources import layouts
 from segmoe_lab.testing import LAYOUTS, make_pipeline, perturb_unet, unet_inputs
 
 SINGLE_FILE_LAYOUTS = ["sd15", "sdxl", "ssd1b"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from segmoe_lab import io as merge_io
-from segmoe_lab.config import SEGMOE_DERIVED_KEYS
-from segmoe_lab.pipeline import SegMoEPipeline
+from segmoe_lab.merge import io as merge_io
+from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS
+from segmoe_lab.merge.pipeline import SegMoEPipeline
 
 SEGMOE_KEY = re.compile(r"^(down|up)_blocks\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\."
                         r"(ff|attn[12]\.to_[qkv])\.(gate\.weight|experts\.\d+\..+)$")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from segmoe_lab.moe import ROUTINGS, MoELayer, route, set_routing
+from segmoe_lab.merge.moe import ROUTINGS, MoELayer, route, set_routing
 
 ROUTING_NAMES = sorted(ROUTINGS)
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from segmoe_lab import moe
-from segmoe_lab.build import _read_safetensors_into, build_merge
-from segmoe_lab.kvcache import cache_cross_kv, cross_kv_projections
-from segmoe_lab.moe import ROUTINGS, MoELayer, iter_moe_layers, route, set_routing
-from segmoe_lab.offload import enable_expert_offload, resident_bytes_plan
+from segmoe_lab.merge import moe
+from segmoe_lab.merge.build import _read_safetensors_into, build_merge
+from segmoe_lab.merge.kvcache import cache_cross_kv, cross_kv_projections
+from segmoe_lab.merge.moe import ROUTINGS, MoELayer, iter_moe_layers, route, set_routing
+from segmoe_lab.merge.offload import enable_expert_offload, resident_bytes_plan
 from segmoe_lab.testing import unet_inputs
 
 ROUTING_NAMES = sorted(ROUTINGS)
@@ -224,10 +224,10 @@ def test_expert_offload_with_fewer_slots_than_top_k_overflows_correctly(fixture_
 
 
 def test_segmoe_4x2_sdxl_merge_fits_12_gb_with_expert_offload_by_meta_accounting():
-    from segmoe_lab import layouts
-    from segmoe_lab.config import parse_config
-    from segmoe_lab.estimate import meta_merge
-    from segmoe_lab.offload import ExpertOffload
+    from segmoe_lab.sources import layouts
+    from segmoe_lab.merge.config import parse_config
+    from segmoe_lab.merge.estimate import meta_merge
+    from segmoe_lab.merge.offload import ExpertOffload
 
     cfg = parse_config({"base_model": "x", "type": "sdxl", "moe_layers": "all", "num_experts_per_tok": 2,
                         "experts": [{"source_model": f"e{i}"} for i in range(4)]})
@@ -258,7 +258,7 @@ def test_streamed_safetensors_reads_convert_dtype_and_check_sizes(tmp_path):
 
 # --- estimate -------------------------------------------------------------------------------------
 def test_estimate_counts_what_a_build_makes(fixture_sets):
-    from segmoe_lab.estimate import estimate
+    from segmoe_lab.merge.estimate import estimate
 
     cfg = fixture_sets["sd15"].config(moe_layers="all", num_experts_per_tok=2, init="random")
     est = estimate(cfg)
@@ -272,7 +272,7 @@ def test_estimate_counts_what_a_build_makes(fixture_sets):
 def test_estimate_of_segmoes_published_merges_known_answers():
     from pathlib import Path
 
-    from segmoe_lab.estimate import estimate
+    from segmoe_lab.merge.estimate import estimate
 
     root = Path(__file__).resolve().parents[1] / "experiments"
     e = estimate(root / "segmoe_4x2.yaml")
@@ -288,7 +288,7 @@ def test_estimate_cli_prints_the_table_and_reads_merge_folders(fixture_sets, tmp
     from typer.testing import CliRunner
 
     from segmoe_lab.cli import app
-    from segmoe_lab.io import save_merge
+    from segmoe_lab.merge.io import save_merge
 
     cfg = fixture_sets["sd15"].config(moe_layers="attn", init="random")
     save_merge(build_merge(cfg, progress=False), tmp_path / "m", cfg)

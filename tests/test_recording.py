@@ -9,13 +9,13 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from segmoe_lab import plots  # noqa: E402
-from segmoe_lab.build import build_merge  # noqa: E402
-from segmoe_lab.explore import GateExplorer, explore, is_interactive  # noqa: E402
-from segmoe_lab.kvcache import cache_cross_kv  # noqa: E402
-from segmoe_lab.moe import iter_moe_layers, set_routing  # noqa: E402
-from segmoe_lab.recording import (FRAME_COLUMNS, describe_domain_routing, domain_experts, domain_routing,  # noqa: E402
-                                  grid_shape, record_gates)
+from segmoe_lab.observe import plots  # noqa: E402
+from segmoe_lab.merge.build import build_merge  # noqa: E402
+from segmoe_lab.observe.explore import GateExplorer, explore, is_interactive  # noqa: E402
+from segmoe_lab.merge.kvcache import cache_cross_kv  # noqa: E402
+from segmoe_lab.merge.moe import iter_moe_layers, set_routing  # noqa: E402
+from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
+from segmoe_lab.observe.recording import FRAME_COLUMNS, grid_shape, record_gates
 
 PROMPTS = ["a photo of a red cat", "a pencil sketch of a green car"]
 KEY = ["call", "site", "sample", "expert"]

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from segmoe_lab import scoring
-from segmoe_lab.scoring import ScorerError, get_scorer
+from segmoe_lab.judge import clip_weights, scorers
+from segmoe_lab.judge.scorers import ScorerError, get_scorer
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow star", "a photo of a cat", "a black dog"]
 
@@ -21,7 +21,7 @@ def make_tiny_clip(folder, seed: int = 0):
     """A random tiny transformers CLIP folder (model, tokenizer, image processor)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from segmoe_lab.layouts import clip_tokenizer
+    from segmoe_lab.sources.layouts import clip_tokenizer
 
     tok = clip_tokenizer(2000)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -69,7 +69,7 @@ def clip_scorers(tiny_clip):
 
 
 def test_registry_names_and_options():
-    assert set(scoring.SCORERS) == {"clip", "torchmetrics", "toy_truth"}
+    assert set(scorers.SCORERS) == {"clip", "torchmetrics", "toy_truth"}
     with pytest.raises(ValueError, match=r"scorer 'clipp' is not known; choose one of \['clip', 'torchmetrics', 'toy_truth'\]"):
         get_scorer("clipp")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['modle'\]; valid options: \['model', 'pretrained'"):
@@ -81,8 +81,8 @@ def test_open_clip_conversion_matches_transformers(tiny_clip):
     import open_clip
     from transformers import CLIPModel, CLIPProcessor
 
-    folder = scoring.openclip_from_transformers(tiny_clip)
-    assert scoring.openclip_from_transformers(tiny_clip) == folder  # converted once, then reused
+    folder = clip_weights.openclip_from_transformers(tiny_clip)
+    assert clip_weights.openclip_from_transformers(tiny_clip) == folder  # converted once, then reused
     oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     hf, proc = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
@@ -156,7 +156,7 @@ def toy():
 
 
 def test_toy_truth_is_deterministic_and_finds_descriptions(toy):
-    from segmoe_lab.compare import load_prompts
+    from segmoe_lab.judge.compare import load_prompts
 
     table = load_prompts("toy", n=4)
     scorer = get_scorer("toy_truth")
@@ -169,7 +169,7 @@ def test_toy_truth_is_deterministic_and_finds_descriptions(toy):
 
 
 def test_toy_clip_loads_in_both_scorers_and_they_agree(toy):
-    from segmoe_lab.compare import load_prompts
+    from segmoe_lab.judge.compare import load_prompts
 
     prompts = list(load_prompts("toy", n=8).prompt)
     ims = images(len(prompts), seed=2)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from segmoe_lab import SegMoEPipeline
-from segmoe_lab.moe import iter_moe_layers
+from segmoe_lab.merge.moe import iter_moe_layers
 
 REF = Path(__file__).parent / "data" / "segmoe_ref"
 CASES = ["sd15_all_top2", "sdxl_attn_top1"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from segmoe_lab import sources
-from segmoe_lab.downloads import download_url
+from segmoe_lab.sources import hub
+from segmoe_lab.sources.downloads import download_url
 from segmoe_lab.sources import SourceError, resolve_source
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -190,7 +191,7 @@ def test_hub_patterns_fetch_only_one_safetensors_set():
              "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors"]
     from huggingface_hub.utils import filter_repo_objects
 
-    picked = set(filter_repo_objects(files, allow_patterns=sources._hub_patterns("r/x", files, allow_ckpt=False)))
+    picked = set(filter_repo_objects(files, allow_patterns=hub._hub_patterns("r/x", files, allow_ckpt=False)))
     assert picked == {"model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
                       "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "tokenizer/vocab.json",
                       "tokenizer/merges.txt", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
@@ -233,7 +234,7 @@ def test_hub_download_fetches_only_the_chosen_files(sd15_set, tmp_path, monkeypa
             shutil.copy(sd15_set.base / f, subset / f)
         return str(populate_hf_cache(Path(cache_dir), repo_id, subset))
 
-    monkeypatch.setattr(sources, "_list_repo", lambda repo, timeout, where: repo_files)
+    monkeypatch.setattr(hub, "_list_repo", lambda repo, timeout, where: repo_files)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     res = resolve_source("tiny-org/tiny-sd", cache_dir=tmp_path / "hf")
     assert (res.form, res.origin) == ("folder", "hub")
@@ -247,17 +248,17 @@ def test_hub_patterns_unet_only():
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "tokenizer/vocab.json"]
     from huggingface_hub.utils import filter_repo_objects
 
-    patterns = sources._hub_patterns("r/x", files, allow_ckpt=False, unet_only=True)
+    patterns = hub._hub_patterns("r/x", files, allow_ckpt=False, unet_only=True)
     assert set(filter_repo_objects(files, allow_patterns=patterns)) == {
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
 
 
 def test_hub_patterns_single_file_repos():
-    assert sources._hub_patterns("r/lora", ["README.md", "lora.safetensors"], False) == ["lora.safetensors"]
+    assert hub._hub_patterns("r/lora", ["README.md", "lora.safetensors"], False) == ["lora.safetensors"]
     with pytest.raises(SourceError, match=r"several weights files.*source_model: r/x/a.safetensors"):
-        sources._hub_patterns("r/x", ["a.safetensors", "b.safetensors"], False)
+        hub._hub_patterns("r/x", ["a.safetensors", "b.safetensors"], False)
     with pytest.raises(SourceError, match=r"no UNet weights in safetensors"):
-        sources._hub_patterns("r/x", ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"], False)
+        hub._hub_patterns("r/x", ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin"], False)
 
 
 # --- CivitAI links (a local HTTP server) -----------------------------------------------------------
@@ -485,7 +486,7 @@ def test_type_mismatch_is_named(fixture_sets):
 
 @pytest.mark.parametrize("layout", ["sd15", "sdxl", "vega", "ssd1b"])
 def test_single_file_layout_is_detected(fixture_sets, layout):
-    from segmoe_lab.single_file import checkpoint_keys, detect_layout
+    from segmoe_lab.sources.single_file import checkpoint_keys, detect_layout
 
     fs = fixture_sets[layout]
     assert detect_layout(checkpoint_keys(fs.base_single_file), fs.model_type) == layout
@@ -504,8 +505,8 @@ def test_layout_config_folder_is_a_loadable_diffusers_folder(tmp_path, layout):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from segmoe_lab import layouts
-    from segmoe_lab.single_file import _depths, layout_config_folder
+    from segmoe_lab.sources import layouts
+    from segmoe_lab.sources.single_file import _depths, layout_config_folder
 
     folder = layout_config_folder(layout, cache_dir=tmp_path)
     assert layout_config_folder(layout, cache_dir=tmp_path) == folder  # written once, then reused
@@ -535,8 +536,8 @@ def test_config_folder_writer_loads_a_single_file(fixture_sets, tmp_path):
 
     import torch
 
-    from segmoe_lab import layouts
-    from segmoe_lab.single_file import write_config_folder
+    from segmoe_lab.sources import layouts
+    from segmoe_lab.sources.single_file import write_config_folder
     from segmoe_lab.testing import TOKENIZER_MERGES
 
     fs = fixture_sets["vega"]
@@ -562,9 +563,9 @@ def test_real_size_checkpoint_names_map_back_and_reveal_the_layout(layout):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from segmoe_lab import layouts
-    from segmoe_lab.single_file import detect_layout, ldm_unet_key_map
-    from segmoe_lab.testing import _unet_ldm_name  # the fixtures' inverse converter
+    from segmoe_lab.sources import layouts
+    from segmoe_lab.sources.single_file import detect_layout, ldm_unet_key_map
+    from segmoe_lab.sources.ldm_writer import _unet_ldm_name  # the inverse converter
 
     config = layouts.unet_config(layout)
     with torch.device("meta"):

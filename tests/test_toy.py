@@ -68,7 +68,7 @@ def test_each_domain_owns_a_concept():
 def test_prompt_csv_is_the_worlds_prompt_set():
     import pandas as pd
 
-    from segmoe_lab.compare import load_prompts
+    from segmoe_lab.judge.compare import load_prompts
 
     table = load_prompts("toy")
     assert table.equals(pd.DataFrame(world.prompt_set()))
@@ -77,7 +77,7 @@ def test_prompt_csv_is_the_worlds_prompt_set():
 
 
 def test_tokenizer_keeps_clip_tokenization_of_world_words():
-    from segmoe_lab.layouts import clip_tokenizer
+    from segmoe_lab.sources.layouts import clip_tokenizer
 
     tok, full = models.make_tokenizer(), clip_tokenizer()
     text = "three cyan triangles, mosaic style"
@@ -188,7 +188,7 @@ def test_clip_retrieves_rendered_captions():
 
 @needs_weights
 def test_merge_config_matches_experiments_yaml():
-    from segmoe_lab.config import load_config
+    from segmoe_lab.merge.config import load_config
 
     cfg, yaml_cfg = toy.merge_config(), load_config(REPO / "experiments" / "toy.yaml")
     assert cfg.num_experts == yaml_cfg.num_experts == len(world.DOMAINS)

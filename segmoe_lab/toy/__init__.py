@@ -91,11 +91,11 @@ def load_base(layout: str = "sd", device: str = "cpu"):
 
 
 def merge_config(layout: str = "sd", **overrides: Any):
-    """The toy merge (:class:`~segmoe_lab.config.MergeConfig`) over the shipped base and domain
+    """The toy merge (:class:`~segmoe_lab.merge.config.MergeConfig`) over the shipped base and domain
     experts, with absolute paths; ``overrides`` replace top-level fields (``num_experts_per_tok=2``).
 
     The same merge with repo-relative paths is ``experiments/toy.yaml``."""
-    from ..config import parse_config
+    from segmoe_lab.merge.config import parse_config
 
     experts = expert_paths(layout)
     base = paths()["base" if layout == "sd" else "sdxl_base"]

@@ -50,7 +50,7 @@ def make_tokenizer(pad_token: str = "<|endoftext|>"):
     """
     from transformers import CLIPTokenizer
 
-    from ..layouts import _bytes_to_unicode, _clip_merges
+    from segmoe_lab.sources.layouts import _bytes_to_unicode, _clip_merges
 
     full = [tuple(m.split(" ")) for m in _clip_merges()]
     ranks = {pair: i for i, pair in enumerate(full)}

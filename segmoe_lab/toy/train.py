@@ -20,13 +20,11 @@ caption dropout (for guidance), an EMA of the weights is what is saved.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -34,104 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segmoe_lab.toy.lora import extract_lora, save_lora
+from segmoe_lab.toy.plan import QUICK, Log, Plan, _captions, _lr, _progress, _scenes
+from segmoe_lab.toy.train_clip import finetune_clip_on_generated, train_clip
+
 from . import models, world
 
 WEIGHTS = Path(__file__).parent / "weights"
 LORA_DOMAIN = "mosaic"  # this expert is also shipped as a LoRA (extracted from its weights)
 SINGLE_FILE_DOMAIN = "neon"  # ... and this one as a single-file checkpoint
 SDXL_EXPERTS = ("flat", "neon")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Steps and batch sizes of every stage."""
-
-    vae_steps: int = 400
-    clip_steps: int = 800
-    clip_batch: int = 128
-    base_steps: int = 1300
-    # 900 rather than 300: the experts' lead over the control grew (flat +0.08 -> +0.13, neon +0.04 -> +0.07)
-    expert_steps: int = 900
-    expert_ema: float = 0.995
-    sdxl_base_steps: int = 500
-    sdxl_expert_steps: int = 150
-    batch: int = 32
-    lora_rank: int = 8
-    clip_gen_per_model: int = 80  # generated images per SD model and domain, to fine-tune CLIP's image tower
-    clip_gen_steps: int = 300
-
-
-QUICK = Plan(vae_steps=2, clip_steps=2, clip_batch=8, base_steps=2, expert_steps=2, sdxl_base_steps=2,
-             sdxl_expert_steps=2, batch=4, lora_rank=2, clip_gen_per_model=2, clip_gen_steps=2)
-
-
-class Log:
-    """Loss curves (``losses.csv``) and stage timings (``train_log.json``) in the output folder;
-    with ``out`` None (a worker process) it only collects them, for the parent to merge."""
-
-    def __init__(self, out: Optional[Path]):
-        self.out, self.rows, self.stages = out, [], {}
-
-    def loss(self, stage: str, step: int, value: float) -> None:
-        self.rows.append((stage, step, value))
-
-    def stage(self, name: str, seconds: float, **info) -> None:
-        self.stages[name] = {"seconds": round(seconds, 1), **info}
-        self.write()
-
-    def merge(self, rows: list, stages: dict) -> None:
-        self.rows += rows
-        self.stages.update(stages)
-        self.write()
-
-    def write(self) -> None:
-        if self.out is None:
-            return
-        with open(self.out / "losses.csv", "w") as f:
-            f.write("stage,step,loss\n" + "".join(f"{s},{i},{v:.6f}\n" for s, i, v in self.rows))
-        (self.out / "train_log.json").write_text(json.dumps(self.stages, indent=2))
-
-    def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import pandas as pd
-
-        df = pd.DataFrame(self.rows, columns=["stage", "step", "loss"])
-        stages = list(dict.fromkeys(df.stage))
-        fig, axes = plt.subplots(1, len(stages), figsize=(2.6 * len(stages), 2.4), squeeze=False)
-        for ax, s in zip(axes[0], stages):
-            d = df[df.stage == s]
-            ax.plot(d.step, d.loss.rolling(max(1, len(d) // 30), min_periods=1).mean())
-            ax.set_title(s, fontsize=8)
-            ax.set_yscale("log")
-            ax.tick_params(labelsize=6)
-        fig.tight_layout()
-        fig.savefig(self.out / "losses.png", dpi=90)
-        plt.close(fig)
-
-
-def _progress(n: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(range(n), desc=desc, leave=False, mininterval=2.0)
-
-
-def _scenes(rng: np.random.Generator, n: int, domains, special: float) -> list[world.Scene]:
-    return [world.sample_scene(rng, domains[rng.integers(len(domains))], special) for _ in range(n)]
-
-
-def _captions(rng: np.random.Generator, scenes) -> list[str]:
-    """Template 0 three times in four (the prompt set's), else template 1."""
-    return [world.caption(s, int(rng.random() < 0.25)) for s in scenes]
-
-
-def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
-    """Linear warm-up then cosine decay to a tenth."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
 # --- VAE ------------------------------------------------------------------------------------------
@@ -159,143 +69,6 @@ def train_vae(plan: Plan, rng, log: Log, device) -> torch.nn.Module:
 
 
 # --- CLIP -----------------------------------------------------------------------------------------
-
-def augment(x: torch.Tensor, rng: np.random.Generator, vae=None) -> torch.Tensor:
-    """What generated images look like: some through the VAE, blurred, noisy, colour-shifted. (B, 3, H, W) in [-1, 1]."""
-    b = x.shape[0]
-    if vae is not None:
-        pick = torch.from_numpy(rng.random(b) < 0.4).to(x.device)
-        if pick.any():
-            with torch.no_grad():
-                x = x.clone()
-                x[pick] = vae.decode(vae.encode(x[pick]).latent_dist.sample()).sample.clamp(-1, 1)
-    sigma = rng.uniform(0.0, 1.2)
-    if sigma > 0.3:
-        r = 2
-        k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma ** 2))
-        k = (k / k.sum()).view(1, 1, 1, -1)
-        blur = x.reshape(b * 3, 1, *x.shape[2:])
-        blur = F.conv2d(F.pad(blur, (r, r, 0, 0), mode="replicate"), k)
-        blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="replicate"), k.transpose(-1, -2))
-        x = blur.view_as(x)
-    gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(1 << 30)))
-    noise = torch.randn(x.shape, generator=gen).to(x.device) * torch.from_numpy(rng.uniform(0, 0.15, (b, 1, 1, 1))).float().to(x.device)
-    shift = torch.from_numpy(rng.normal(0, 0.05, (b, 3, 1, 1))).float().to(x.device)
-    return (x + noise + shift).clamp(-1, 1)
-
-
-def _description_key(s: world.Scene) -> tuple:
-    return (s.domain, s.shape, s.colour, s.count)
-
-
-def train_clip(plan: Plan, rng, log: Log, device, tokenizer, vae) -> torch.nn.Module:
-    """Contrastive (InfoNCE) with every same-description pair in the batch counted as a positive."""
-    clip = models.make_clip(tokenizer, int(rng.integers(1 << 30))).to(device).train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
-    for step in _progress(plan.clip_steps, "clip"):
-        scenes = _scenes(rng, plan.clip_batch, world.DOMAINS, 0.35)
-        x = augment(torch.from_numpy(world.render_array(scenes)).to(device), rng, vae)
-        ids = tokenizer(_captions(rng, scenes), padding="max_length", max_length=models.MAX_TOKENS,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out = clip(input_ids=ids, pixel_values=models.clip_pixels(x))
-        keys = [_description_key(s) for s in scenes]
-        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=device)  # (B, B)
-        target = same / same.sum(1, keepdim=True)
-        logits = out.logits_per_image  # (B, B)
-        loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.t().log_softmax(1)).sum(1).mean())
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, plan.clip_steps, 2e-3)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            clip.logit_scale.clamp_(0, math.log(100))
-        log.loss("clip", step, loss.item())
-    return clip.eval().requires_grad_(False)
-
-
-def all_captions() -> list[dict]:
-    """Every caption the checker can read back: each domain x shape x colour x count."""
-    return [{"domain": d, "shape": s, "colour": c, "count": n} for d in world.DOMAINS for s in world.SHAPES
-            for c in world.COLOURS for n in world.COUNT_WORDS]
-
-
-def read_back(image, asked: dict) -> Optional[dict]:
-    """What a generated image shows, as a description (majority colour and shape, object count),
-    or None when the checker finds no object or more than three."""
-    from collections import Counter
-
-    from .truth import check
-
-    objects = check(image, asked)["objects"]
-    if not 1 <= len(objects) <= 3:
-        return None
-    top = lambda key: Counter(o[key] for o in objects).most_common(1)[0][0]  # noqa: E731
-    return {"domain": asked["domain"], "shape": top("shape"), "colour": top("colour"), "count": len(objects)}
-
-
-def finetune_clip_on_generated(clip, tokenizer, pipe, unets: dict, plan: "Plan", log: "Log", seed: int,
-                               device) -> torch.nn.Module:
-    """Teach CLIP's image tower what *generated* images show: images from the SD models, each
-    labelled with the caption the checker reads back from it, mixed half and half with augmented
-    renders; cross-entropy over all 162 readable captions. The text tower (the pipelines' text
-    encoder) stays frozen, so the pipelines are unchanged. Prompts and seeds are disjoint from
-    the quality script's."""
-    rng = np.random.default_rng([seed, 7])
-    images, labels = [], []
-    own_unet = pipe.unet
-    with torch.no_grad():
-        for name, unet in unets.items():
-            pipe.unet = unet
-            for d in world.DOMAINS:
-                asked = [world.sample_description(rng, d, world.EXPERT_SPECIAL) for _ in range(plan.clip_gen_per_model)]
-                seeds = rng.integers(1 << 30, size=len(asked))
-                out = []
-                for i in _progress((len(asked) + 49) // 50, f"generate {name}/{d}"):
-                    gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i * 50:(i + 1) * 50]]
-                    out += pipe([world.caption(a) for a in asked[i * 50:(i + 1) * 50]], num_inference_steps=15,
-                                guidance_scale=3.0, generator=gens).images
-                for im, a in zip(out, asked):
-                    got = read_back(im, a)
-                    if got is not None:
-                        images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1)
-                        labels.append(got)
-    pipe.unet = own_unet
-    cands = all_captions()
-    index = {tuple(sorted(c.items())): i for i, c in enumerate(cands)}
-    gen_x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device)  # (N, 3, 32, 32)
-    gen_y = torch.tensor([index[tuple(sorted(l.items()))] for l in labels], device=device)
-    with torch.no_grad():
-        ids = tokenizer([world.caption(c) for c in cands], padding="max_length", max_length=models.MAX_TOKENS,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        text = F.normalize(_feat(clip.get_text_features(input_ids=ids)), dim=-1)  # (C, E)
-    clip.requires_grad_(False)
-    trainable = list(clip.vision_model.parameters()) + list(clip.visual_projection.parameters())
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=5e-4, weight_decay=0.05)
-    half = plan.clip_batch // 2
-    for step in _progress(plan.clip_gen_steps, "clip on generated"):
-        pick = torch.from_numpy(rng.integers(len(gen_y), size=half)).to(device)
-        scenes = _scenes(rng, half, world.DOMAINS, 0.35)
-        rendered = augment(torch.from_numpy(world.render_array(scenes)).to(device), rng)
-        x = torch.cat([gen_x[pick], rendered])
-        y = torch.cat([gen_y[pick], torch.tensor([index[tuple(sorted(s.description().items()))] for s in scenes], device=device)])
-        img = F.normalize(_feat(clip.get_image_features(pixel_values=models.clip_pixels(x))), dim=-1)  # (B, E)
-        loss = F.cross_entropy(clip.logit_scale.exp() * img @ text.T, y)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, plan.clip_gen_steps, 5e-4, warmup=20)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log.loss("clip_generated", step, loss.item())
-    log.stage("clip_generated_data", 0.0, images=len(gen_y), kept=round(len(gen_y) / max(1, len(unets) * 3 * plan.clip_gen_per_model), 3))
-    return clip.eval().requires_grad_(False)
-
-
-def _feat(out) -> torch.Tensor:
-    """Projected CLIP features: transformers 5 returns an output object (``pooler_output``), 4 a tensor."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 # --- UNets ----------------------------------------------------------------------------------------
@@ -376,44 +149,6 @@ def _sampler(domains, special: float):
 
 # --- LoRA and single-file forms -------------------------------------------------------------------
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "time_emb_proj")
-
-
-@torch.no_grad()
-def extract_lora(base_unet, expert_unet, rank: int) -> dict:
-    """The expert's weight difference from the base, truncated to rank ``rank`` by SVD, as a peft
-    LoRA state dict (``...lora_A.weight`` / ``lora_B.weight``) for :func:`save_lora`.
-
-    Only Linear/Conv weights of :data:`LORA_TARGETS` are carried; norms and biases stay the base's
-    (what a LoRA can hold)."""
-    base = dict(base_unet.named_modules())
-    out = {}
-    for name, mod in expert_unet.named_modules():
-        if not any(name.endswith(t) for t in LORA_TARGETS) or not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        delta = (mod.weight - base[name].weight).float()  # (out, in[, k, k])
-        flat = delta.reshape(delta.shape[0], -1)  # (out, in * k * k)
-        u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-        r = min(rank, s.numel())
-        root = s[:r].sqrt()
-        b, a = u[:, :r] * root, root[:, None] * vh[:r]  # (out, r), (r, in * k * k)
-        if delta.dim() == 4:
-            a, b = a.reshape(r, *delta.shape[1:]), b[:, :, None, None]
-        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a.contiguous(), b.contiguous()
-    return out
-
-
-def save_lora(state: dict, folder: Path, rank: int) -> Path:
-    """Write a LoRA in diffusers' format (``pytorch_lora_weights.safetensors``, ``unet.`` keys)."""
-    from diffusers import StableDiffusionPipeline
-
-    folder.mkdir(parents=True, exist_ok=True)
-    layers = {k: v.to(torch.float16) for k, v in state.items()}
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
-    (folder / "lora_info.json").write_text(json.dumps({"rank": rank, "alpha": rank, "targets": list(LORA_TARGETS)}))
-    return folder
-
 
 # --- everything -----------------------------------------------------------------------------------
 
@@ -455,7 +190,7 @@ class _Models:
 
 def _job(stage: str, out: Path, seed: int, plan: Plan, device) -> tuple[list, dict]:
     """Run one stage (in this process or a worker); returns its loss rows and timings."""
-    from ..testing import save_single_file
+    from segmoe_lab.sources.ldm_writer import save_single_file
 
     torch.set_num_threads(1)
     log, saved = Log(None), _Models(out, device)

@@ -1,6 +1,6 @@
 """The sparse Mixture-of-Experts layer and its routing policies.
 
-:class:`MoELayer` wraps the experts of one site (see :mod:`segmoe_lab.discovery`) and a gate
+:class:`MoELayer` wraps the experts of one site (see :mod:`segmoe_lab.merge.discovery`) and a gate
 ``Linear(hidden, n_experts, bias=False)``; its state-dict names are segmoe's
 (``gate.weight``, ``experts.<i>.<param>``), so merges load in both packages.
 
@@ -17,7 +17,7 @@ accelerators and under ``torch.compile`` the chosen experts of a Linear site run
 the stacked rows, and diffusers' GEGLU feed-forwards under ``segmoe`` routing as two (tensor
 indices, no ``.tolist()``: the layer compiles without graph breaks). In eager mode on CPU, where a
 host sync is free and copying the chosen rows is not, each chosen expert runs on a view of its row.
-:mod:`segmoe_lab.offload` swaps in device copies of only the chosen experts' rows.
+:mod:`segmoe_lab.merge.offload` swaps in device copies of only the chosen experts' rows.
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ class MoELayer(nn.Module):
         self.routing = routing
         self._linear = all(isinstance(e, nn.Linear) for e in experts)
         self._geglu = not self._linear and all(_is_geglu_ff(e) for e in experts)
-        self._offload = None  # an offload.SiteOffload while expert offload is on (segmoe_lab.offload)
+        self._offload = None  # an offload.SiteOffload while expert offload is on (segmoe_lab.merge.offload)
         self.restack()
 
     @property

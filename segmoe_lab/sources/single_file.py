@@ -1,7 +1,7 @@
 """Single-file checkpoints (original Stable Diffusion / LDM key names), offline.
 
 diffusers' ``from_single_file`` needs a diffusers folder of configs and tokenizers next to the
-weights and normally fetches it from the Hub. Here it is written from :mod:`segmoe_lab.layouts`
+weights and normally fetches it from the Hub. Here it is written from :mod:`segmoe_lab.sources.layouts`
 instead, for the layout the checkpoint's tensors show (SD 1.5, SDXL, Segmind Vega or SSD-1B),
 once per layout into ``$SEGMOE_LAB_CACHE/configs``. UNet tensor names are mapped with diffusers'
 own converter, run on key names only, so single tensors can be read without loading the file.
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from . import layouts
+from segmoe_lab.sources import layouts
+from segmoe_lab.sources.errors import SourceError, default_cache_dir
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 _NOT_UNET = ("first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.")
@@ -59,7 +60,6 @@ def ldm_unet_key_map(keys: list[str], unet_config: dict) -> dict[str, str]:
 
 def model_type_of(keys: list[str]) -> str:
     """``"sd"`` or ``"sdxl"`` from a full checkpoint's text-encoder keys."""
-    from .sources import SourceError
 
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return "sdxl"
@@ -85,8 +85,7 @@ def _depths(names) -> dict[str, list[int]]:
 
 
 def detect_layout(keys: list[str], model_type: Optional[str] = None) -> str:
-    """Which of :data:`segmoe_lab.layouts.LAYOUTS` a checkpoint is, from its tensor names."""
-    from .sources import SourceError
+    """Which of :data:`segmoe_lab.sources.layouts.LAYOUTS` a checkpoint is, from its tensor names."""
 
     found_type = model_type_of(keys)
     if model_type and model_type != found_type:
@@ -139,7 +138,6 @@ def write_layout_config(layout: str, folder: Path) -> Path:
 
 def layout_config_folder(layout: str, cache_dir: Optional[Path] = None) -> Path:
     """:func:`write_layout_config` once into the cache (keyed by a hash of the configs), then reused."""
-    from .sources import default_cache_dir
 
     configs = [layouts.unet_config(layout), layouts.vae_config(layout), layouts.scheduler_config(layout),
                layouts.text_encoder_configs(layout), layouts.tokenizer_pad_tokens(layout)]

@@ -19,77 +19,30 @@ Example::
 """
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .config import MergeConfig, SchedulerName, load_config, parse_config
-from .scoring import SCORERS, folder_fingerprint, get_scorer
-
-PROMPT_COLUMNS = ("prompt", "category")
-MODEL_GROUPS = ("merge", "base", "experts")
-Settings = dict  # the JSON-able generation settings that key a cached image
-
+from segmoe_lab.judge.images import (
+    ImageCache,
+    ModelRef,
+    Settings,
+    default_cache_dir,
+    generate_image,
+    image_key,
+)
+from segmoe_lab.judge.models import MODEL_GROUPS, ModelLoader, model_refs, resolve_merge
+from segmoe_lab.judge.prompts import load_prompts
+from segmoe_lab.judge.scorers import SCORERS, get_scorer
+from segmoe_lab.merge.config import (
+    MergeConfig,
+    SchedulerName,
+)
 
 # --- prompt sets -----------------------------------------------------------------------------
-
-def prompt_dirs() -> list[Path]:
-    """Where prompt set names are looked up: the kit's ``data/prompts`` and ``./data/prompts``, ``../data/prompts``."""
-    here = Path(__file__).resolve().parent
-    dirs = [here.parent / "data" / "prompts", here / "data" / "prompts", Path("data/prompts"), Path("../data/prompts")]
-    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
-
-
-def prompt_sets() -> list[str]:
-    """Names of the prompt sets found in :func:`prompt_dirs`."""
-    return sorted({p.stem for d in prompt_dirs() for p in d.glob("*.csv")})
-
-
-def _prompt_file(source: Union[str, Path]) -> Path:
-    path = Path(source)
-    if path.is_file():
-        return path
-    for d in prompt_dirs():
-        if (d / f"{source}.csv").is_file():
-            return d / f"{source}.csv"
-    raise FileNotFoundError(f"prompt set {str(source)!r}: no such CSV file or set name; choose one of {prompt_sets()} "
-                            "or give the path of a CSV with prompt and category columns")
-
-
-def load_prompts(source: Union[str, Path] = "toy", n: Optional[int] = None, categories=None) -> pd.DataFrame:
-    """A prompt set as a table with ``prompt``, ``category`` (and any other columns, e.g. ``description``).
-
-    Args:
-        source (`str` or `Path`, *optional*, defaults to ``"toy"``): a set name from ``data/prompts``
-            (``toy``, ``segmoe_examples``, ``adherence``) or a CSV path.
-        n (`int`, *optional*): keep ``n`` prompts, taken in turn from each category (file order), so a
-            short run still covers every category.
-        categories (`list[str]`, *optional*): keep only these categories.
-    """
-    path = _prompt_file(source)
-    table = pd.read_csv(path, keep_default_na=False)
-    missing = [c for c in PROMPT_COLUMNS if c not in table]
-    if missing:
-        raise ValueError(f"{path}: prompt sets need columns {list(PROMPT_COLUMNS)}; missing {missing}")
-    dup = table.prompt[table.prompt.duplicated()].tolist()
-    if dup:
-        raise ValueError(f"{path}: prompts must be unique (they key the results); repeated: {dup[:3]}")
-    if categories:
-        unknown = sorted(set(categories) - set(table.category))
-        if unknown:
-            raise ValueError(f"categories {unknown} are not in {path.name}; choose from {sorted(set(table.category))}")
-        table = table[table.category.isin(categories)]
-    if n is not None:
-        rank = table.groupby("category", sort=False).cumcount()  # round-robin over categories
-        table = table.assign(_r=rank).sort_values("_r", kind="stable").head(n).sort_index().drop(columns="_r")
-    return table.reset_index(drop=True)
 
 
 # --- what a comparison is -------------------------------------------------------------------------
@@ -191,191 +144,10 @@ class CompareConfig(BaseModel):
         return value
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """One model of a comparison: ``merge``, ``base`` or ``expert_<i>``, and what fixes its images."""
-
-    name: str
-    kind: Literal["merge", "base", "expert"]
-    fingerprint: str
-    detail: dict = field(default_factory=dict, hash=False, compare=False)
-    index: Optional[int] = None  # expert index
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _source_signature(source: str, model_type: str) -> dict:
-    """What identifies a source's weights: its resolved path and its files' names, sizes and times."""
-    from .sources import resolve_source
-
-    res = resolve_source(source, model_type=model_type)
-    sig = folder_fingerprint(res.path) if res.path.is_dir() else f"{res.path.stat().st_size}:{res.path.stat().st_mtime_ns}"
-    return {"source": source, "path": str(res.path), "files": sig}
-
-
-def resolve_merge(merge: Union[str, Path, MergeConfig, dict]) -> tuple[MergeConfig, Optional[Path]]:
-    """``(config, folder)`` of a merge given as ``"toy"``, a config (object, dict, YAML) or a merge folder."""
-    if isinstance(merge, (MergeConfig, dict)):
-        return parse_config(merge), None
-    if str(merge) == "toy":
-        from . import toy
-
-        return toy.merge_config(), None
-    path = Path(merge)
-    if path.is_file():
-        return load_config(path), None
-    from .io import read_merge_config
-    from .sources import resolve_source
-
-    folder = path if path.is_dir() else resolve_source(str(merge)).path
-    return read_merge_config(folder)[1], folder
-
-
-def model_refs(cfg: MergeConfig, folder: Optional[Path] = None, models=MODEL_GROUPS) -> list[ModelRef]:
-    """The merge, the base and each expert as :class:`ModelRef` s, fingerprinted from their weights."""
-    from .build import expert_specs
-
-    specs = expert_specs(cfg)
-    loras = [*cfg.loras, *(lora for e in cfg.experts for lora in e.loras)]
-    sources = sorted({cfg.base_model, *(s.source for s in specs), *(lora.source_model for lora in loras)})
-    sig = {s: _source_signature(s, cfg.type) for s in sources}
-    lora_sig = lambda loras: [{**sig[lora.source_model], "scale": lora.scale} for lora in loras]  # noqa: E731
-    base_fused = cfg.loras if cfg.loras and cfg.experts else []  # top-level LoRAs are fused into the base, as build does
-    base = {"base": sig[cfg.base_model], "loras": lora_sig(base_fused)}
-    if folder is not None:
-        merge = {"folder": str(folder), "files": folder_fingerprint(folder)}
-    else:
-        merge = {"config": cfg.model_dump(mode="json"), "sources": sig}
-    refs = [ModelRef("merge", "merge", _hash(["merge", merge]), merge)]
-    if "base" in models:
-        refs.append(ModelRef("base", "base", _hash(["base", base]), base))
-    unknown = sorted(set(m for m in models if m.startswith("expert_")) - {f"expert_{i}" for i in range(len(specs))})
-    if unknown:
-        raise ValueError(f"models {unknown}: this merge has experts expert_0 .. expert_{len(specs) - 1}")
-    for i, spec in enumerate(specs):
-        if "experts" in models or f"expert_{i}" in models:
-            detail = {"base": sig[cfg.base_model], "unet": sig[spec.source], "loras": lora_sig(spec.loras)}
-            refs.append(ModelRef(f"expert_{i}", "expert", _hash(["expert", detail]), detail, i))
-    return refs
-
-
 # --- the image cache ---------------------------------------------------------------------------
-
-class ImageCache:
-    """PNG files under ``root/<fingerprint>/<key hash>.png``, one per (model, prompt, seed, settings)."""
-
-    def __init__(self, root: Union[str, Path]):
-        self.root = Path(root)
-
-    def path(self, ref: ModelRef, key: dict) -> Path:
-        return self.root / ref.fingerprint[:20] / f"{_hash(key)[:32]}.png"
-
-    def has(self, ref: ModelRef, key: dict) -> bool:
-        return self.path(ref, key).is_file()
-
-    def load(self, ref: ModelRef, key: dict):
-        from PIL import Image
-
-        with Image.open(self.path(ref, key)) as im:
-            return im.convert("RGB")
-
-    def save(self, ref: ModelRef, key: dict, image) -> Path:
-        """Write atomically (a temporary file, then rename), with the key in the PNG's text."""
-        from PIL.PngImagePlugin import PngInfo
-
-        path = self.path(ref, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = path.parent / "model.json"
-        if not meta.is_file():
-            _atomic_write_text(meta, json.dumps({"name": ref.name, "kind": ref.kind, "detail": ref.detail}, indent=2, default=str))
-        info = PngInfo()
-        info.add_text("segmoe_lab", json.dumps(key, sort_keys=True))
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-        image.save(tmp, pnginfo=info)
-        os.replace(tmp, path)
-        return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def image_key(prompt: str, seed: int, settings: Settings) -> dict:
-    """What fixes one image of a model: prompt, seed and the generation settings."""
-    return {"prompt": prompt, "seed": int(seed), **settings}
 
 
 # --- generating -------------------------------------------------------------------------------
-
-def generate_image(pipe, prompt: str, seed: int, settings: Settings):
-    """One image, seeded with a CPU generator (the same latents on every device)."""
-    import torch
-
-    kwargs = {k: settings[k] for k in ("height", "width") if settings.get(k)}
-    out = pipe(prompt, negative_prompt=settings["negative_prompt"] or None, num_inference_steps=settings["steps"],
-               guidance_scale=settings["guidance_scale"], generator=torch.Generator("cpu").manual_seed(int(seed)), **kwargs)
-    return out.images[0]
-
-
-class ModelLoader:
-    """Holds one pipeline at a time: the merge, or the base pipeline with a base/expert UNet swapped in."""
-
-    def __init__(self, cfg: MergeConfig, folder: Optional[Path], device: str, dtype, scheduler: str):
-        self.cfg, self.folder, self.device, self.dtype, self.scheduler = cfg, folder, device, dtype, scheduler
-        self.pipe, self.holds, self.unet_of = None, None, None
-
-    def release(self) -> None:
-        import torch
-
-        self.pipe = self.holds = self.unet_of = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def get(self, ref: ModelRef):
-        """The diffusers pipeline that generates ``ref``'s images."""
-        from .build import make_scheduler
-
-        if ref.kind == "merge" and self.holds != "merge":
-            from .pipeline import SegMoEPipeline
-
-            self.release()
-            self.pipe = SegMoEPipeline(self.folder or self.cfg, device=self.device, torch_dtype=self.dtype, progress=False).pipe
-            self.holds = "merge"
-        elif ref.kind != "merge":
-            self._plain(ref)
-        self.pipe.scheduler = make_scheduler(self.scheduler, self.pipe.scheduler)
-        self.pipe.set_progress_bar_config(disable=True)
-        return self.pipe
-
-    def _plain(self, ref: ModelRef) -> None:
-        from . import sources
-        from .build import expert_specs, fuse_loras
-
-        cfg = self.cfg
-        if self.holds != "plain":
-            self.release()
-            base = sources.resolve_source(cfg.base_model, model_type=cfg.type)
-            self.pipe = sources.load_pipeline(base, cfg.type, torch_dtype=self.dtype).to(self.device)
-            self.holds, self.unet_of = "plain", "base"
-            if cfg.loras and cfg.experts:
-                fuse_loras(self.pipe, cfg.loras, "top-level loras")
-        if self.unet_of == ref.name:
-            return
-        spec = expert_specs(cfg)[ref.index] if ref.kind == "expert" else None
-        res = sources.resolve_source(spec.source if spec else cfg.base_model, model_type=cfg.type)
-        unet = self.pipe.unet
-        state = sources.load_unet_state_dict(res, cfg.type, dict(unet.config))
-        unet.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=True)
-        del state
-        loras = spec.loras if spec else (cfg.loras if cfg.loras and cfg.experts else [])
-        if loras:
-            fuse_loras(self.pipe, loras, ref.name)
-        self.unet_of = ref.name
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -398,26 +170,26 @@ class Comparison:
         return self.cache.load(ref, image_key(prompt, seed, self.settings))
 
     def summary(self, **kwargs) -> pd.DataFrame:
-        """Mean per scorer x model with bootstrap CIs (:func:`segmoe_lab.stats.summary`)."""
-        from .stats import summary
+        """Mean per scorer x model with bootstrap CIs (:func:`segmoe_lab.judge.stats.summary`)."""
+        from segmoe_lab.judge.stats import summary
 
         return summary(self.table, **kwargs)
 
     def paired(self, **kwargs) -> pd.DataFrame:
-        """The merge against every other model (:func:`segmoe_lab.stats.paired`)."""
-        from .stats import paired
+        """The merge against every other model (:func:`segmoe_lab.judge.stats.paired`)."""
+        from segmoe_lab.judge.stats import paired
 
         return paired(self.table, **kwargs)
 
     def grid(self, **kwargs):
-        """Prompts x models image grid for one seed (:func:`segmoe_lab.report.grid`)."""
-        from .report import grid
+        """Prompts x models image grid for one seed (:func:`segmoe_lab.judge.report.grid`)."""
+        from segmoe_lab.judge.report import grid
 
         return grid(self, **kwargs)
 
     def report(self, out_dir, **kwargs) -> Path:
-        """Write every table, statistic and grid to ``out_dir`` (:func:`segmoe_lab.report.report`)."""
-        from .report import report
+        """Write every table, statistic and grid to ``out_dir`` (:func:`segmoe_lab.judge.report.report`)."""
+        from segmoe_lab.judge.report import report
 
         return report(self, out_dir, **kwargs)
 
@@ -440,13 +212,6 @@ def _placement(cfg: CompareConfig):
     device = "cpu" if cpu else str(state.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "float16")
     return state, device, dtype
-
-
-def default_cache_dir() -> Path:
-    """``$SEGMOE_LAB_CACHE/images`` (default ``~/.cache/segmoe_lab/images``)."""
-    from .sources import default_cache_dir as root
-
-    return root() / "images"
 
 
 def run_comparison(config: Union[CompareConfig, dict, None] = None, **overrides) -> Comparison:
@@ -472,7 +237,7 @@ def run_comparison(config: Union[CompareConfig, dict, None] = None, **overrides)
 
 
 def _torch_dtype(name: str):
-    from .build import DTYPES
+    from segmoe_lab.merge.build import DTYPES
 
     return DTYPES[name]
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import matplotlib.pyplot as plt
 
-from . import plots
+from segmoe_lab.observe import plots
 
 ALL_KINDS = "all kinds"
 MEAN = "mean over steps"
@@ -58,7 +58,7 @@ def _display(*objs) -> None:
 
 
 class GateExplorer:
-    """Controls, figures and their layout over one :class:`~segmoe_lab.recording.GateRecording`.
+    """Controls, figures and their layout over one :class:`~segmoe_lab.observe.recording.GateRecording`.
 
     Attributes:
         controls (`dict`): ``prompt``, ``step``, ``kind``, ``site`` and ``value`` widgets.
@@ -197,7 +197,7 @@ def explore(recording, images: Optional[Sequence] = None, static: Optional[bool]
     """The gate explorer, or its static figures where widgets do not render.
 
     Args:
-        recording (`GateRecording`): from :func:`~segmoe_lab.recording.record_gates` (``spatial=True``
+        recording (`GateRecording`): from :func:`~segmoe_lab.observe.recording.record_gates` (``spatial=True``
             for routing maps).
         images (`list`, *optional*): one image per prompt (default: ``recording.images``).
         static (`bool`, *optional*): force static figures (True) or the widget (False); by default

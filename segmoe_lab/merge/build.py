@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ExpertConfig, LoraConfig, MergeConfig, parse_config
-from .discovery import Site, find_sites, get_module, set_module, site_prefixes
-from .gating import GateContext, capture_hidden, gate_report, get_gate_init, warn_degenerate
-from .moe import MoELayer
-from . import sources
+from segmoe_lab.merge.config import ExpertConfig, LoraConfig, MergeConfig, parse_config
+from segmoe_lab.merge.discovery import Site, find_sites, get_module, set_module, site_prefixes
+from segmoe_lab.merge.gating import GateContext, capture_hidden, gate_report, get_gate_init, warn_degenerate
+from segmoe_lab.merge.moe import MoELayer
+from segmoe_lab import sources
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -320,14 +320,14 @@ def build_merge(config, *, device: str = "cpu", torch_dtype: Optional[torch.dtyp
     """Build the merged diffusers pipeline described by ``config``.
 
     Args:
-        config (`MergeConfig` or `dict`): the merge (see :mod:`segmoe_lab.config`).
+        config (`MergeConfig` or `dict`): the merge (see :mod:`segmoe_lab.merge.config`).
         device (`str`, *optional*, defaults to ``"cpu"``): where to build and run gate prompts.
         torch_dtype (`torch.dtype`, *optional*): defaults to the config's ``dtype``.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
 
     Returns:
         The base pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) whose
-        UNet sites are :class:`~segmoe_lab.moe.MoELayer` s; ``pipe.segmoe_config`` holds the config.
+        UNet sites are :class:`~segmoe_lab.merge.moe.MoELayer` s; ``pipe.segmoe_config`` holds the config.
     """
     cfg = parse_config(config)
     dtype = torch_dtype or DTYPES[cfg.dtype]

@@ -35,7 +35,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .moe import MoELayer, iter_moe_layers
+from segmoe_lab.merge.moe import MoELayer, iter_moe_layers
 
 
 def _nbytes(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:

@@ -1,11 +1,11 @@
 """Plan memory before building: parameter counts and weight bytes of a merge, without any weights.
 
 :func:`estimate` instantiates the base UNet on the meta device (accelerate's
-``init_empty_weights``) from its config, swaps in meta :class:`~segmoe_lab.moe.MoELayer` s at
+``init_empty_weights``) from its config, swaps in meta :class:`~segmoe_lab.merge.moe.MoELayer` s at
 the sites the merge config names, and counts parameters of the base, the merge, and what an
-expert-offloaded merge keeps on the accelerator (:mod:`segmoe_lab.offload`). The UNet config
+expert-offloaded merge keeps on the accelerator (:mod:`segmoe_lab.merge.offload`). The UNet config
 comes from the base model's folder when it is local, from a single file's tensor names, or from
-the real configs in :mod:`segmoe_lab.layouts` (SD 1.5 for ``type: sd``, SDXL base for
+the real configs in :mod:`segmoe_lab.sources.layouts` (SD 1.5 for ``type: sd``, SDXL base for
 ``type: sdxl``, or a ``layout`` chosen by the caller: ``vega``, ``ssd1b``); so this works offline.
 
 Counts are of weights only: activations, the CUDA context and allocator slack come on top.
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import MergeConfig, load_config
-from . import layouts
+from segmoe_lab.merge.config import MergeConfig, load_config
+from segmoe_lab.sources import layouts
 
 BYTES = {"float16": 2, "float32": 4}
 _OUR_KEYS = ("segmoe_config", "segmoe_lab_config")
@@ -108,7 +108,7 @@ def _folder_configs(folder: Path, note: str) -> ModelConfigs:
 
 def _layout_configs(layout: str, note: str) -> ModelConfigs:
     return ModelConfigs(layouts.unet_config(layout), layouts.text_encoder_configs(layout), layouts.vae_config(layout),
-                        f"{note}: {layout} ({layouts.HUB_REPOS[layout]}), from segmoe_lab.layouts")
+                        f"{note}: {layout} ({layouts.HUB_REPOS[layout]}), from segmoe_lab.sources.layouts")
 
 
 def model_configs(cfg: MergeConfig, layout: Optional[str] = None) -> ModelConfigs:
@@ -124,7 +124,7 @@ def model_configs(cfg: MergeConfig, layout: Optional[str] = None) -> ModelConfig
     if (base / "unet" / "config.json").is_file():
         return _folder_configs(base, "base model folder")
     if base.is_file():
-        from .single_file import checkpoint_keys, detect_layout
+        from segmoe_lab.sources.single_file import checkpoint_keys, detect_layout
 
         return _layout_configs(detect_layout(checkpoint_keys(base), cfg.type), f"layout of {base.name}'s tensors")
     for name, repo in layouts.HUB_REPOS.items():
@@ -143,8 +143,8 @@ def meta_merge(unet_config: dict, cfg: MergeConfig):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from .discovery import find_sites, get_module, set_module
-    from .moe import MoELayer
+    from segmoe_lab.merge.discovery import find_sites, get_module, set_module
+    from segmoe_lab.merge.moe import MoELayer
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
@@ -183,15 +183,15 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
 
     Args:
         config (`MergeConfig`, or the path of a YAML config or of a merge folder).
-        layout (`str`, *optional*): one of :data:`segmoe_lab.layouts.LAYOUTS`, overriding the
+        layout (`str`, *optional*): one of :data:`segmoe_lab.sources.layouts.LAYOUTS`, overriding the
             layout found from the config (e.g. ``"vega"`` or ``"ssd1b"`` for a hub id not known here).
     """
-    from .moe import iter_moe_layers
-    from .offload import resident_bytes_plan
+    from segmoe_lab.merge.moe import iter_moe_layers
+    from segmoe_lab.merge.offload import resident_bytes_plan
 
     configs = None
     if isinstance(config, (str, Path)) and Path(config).is_dir():
-        from .io import read_merge_config
+        from segmoe_lab.merge.io import read_merge_config
 
         folder = Path(config)
         _, cfg = read_merge_config(folder)

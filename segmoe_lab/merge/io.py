@@ -26,9 +26,9 @@ from typing import Mapping, Optional, Union
 import torch
 from safetensors import safe_open
 
-from .config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
-from .discovery import block_name, get_module, set_module
-from .moe import MoELayer, iter_moe_layers
+from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
+from segmoe_lab.merge.discovery import block_name, get_module, set_module
+from segmoe_lab.merge.moe import MoELayer, iter_moe_layers
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _ST_DTYPES = {

@@ -1,6 +1,6 @@
-"""Plots of recorded gate activity (:mod:`segmoe_lab.recording`); each function returns its figure.
+"""Plots of recorded gate activity (:mod:`segmoe_lab.observe.recording`); each function returns its figure.
 
-Every plot reads a :meth:`GateRecording.frame <segmoe_lab.recording.GateRecording.frame>` (or the
+Every plot reads a :meth:`GateRecording.frame <segmoe_lab.observe.recording.GateRecording.frame>` (or the
 recording itself) and names sites by block and layer (``"down1.a0.t0 cross-k"``), in the order the
 UNet runs them: down blocks, mid, up blocks. Unless told otherwise a plot shows the conditional
 half of classifier-free guidance (the prompt's own half; runs without guidance count too).

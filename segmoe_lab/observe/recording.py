@@ -1,6 +1,6 @@
 """Record what the gates of a SegMoE merge do: per MoE layer, prompt, denoising step and expert.
 
-:func:`record_gates` hooks every :class:`~segmoe_lab.moe.MoELayer` of a merge for the duration of a
+:func:`record_gates` hooks every :class:`~segmoe_lab.merge.moe.MoELayer` of a merge for the duration of a
 ``with`` block (the hooks go away on exit, also on an error) and returns a :class:`GateRecording`
 whose :meth:`GateRecording.frame` is a tidy table. A forward hook on each ``layer.gate`` sees the
 layer's logits ``(B, T, E)``; when the UNet call ends, the logits of all its sites are reduced over
@@ -23,7 +23,6 @@ The frame's columns are :data:`FRAME_COLUMNS` (see :meth:`GateRecording.frame`).
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -32,8 +31,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .discovery import KIND_LABELS, Site, block_name, site_from_path
-from .moe import MoELayer, get_routing, iter_moe_layers
+from segmoe_lab.merge.discovery import KIND_LABELS, Site
+from segmoe_lab.merge.moe import MoELayer, iter_moe_layers
+from segmoe_lab.observe.gate_stats import _site_of, call_stats, grid_shape
 
 FRAME_COLUMNS = (
     "call", "generation", "step", "timestep", "sample", "prompt_index", "prompt", "cfg_half",
@@ -76,75 +76,6 @@ class _Call:
     live: dict = field(default_factory=dict)  # slot -> (logits (B, T, E), top_k, routing), during the call
     stats: dict = field(default_factory=dict)  # slot -> (4, B, E) float32 numpy, after the call
     spatial: dict = field(default_factory=dict)  # slot -> {"argmax", "chosen": (B, h, w), "probs": (B, h, w, E)}
-
-
-def _site_of(path: str, layer: MoELayer) -> Site:
-    try:
-        return site_from_path(path, layer.hidden_size, layer.out_dim)
-    except ValueError:  # a MoE layer outside the usual transformer-block sites
-        return Site(path, path.rsplit(".", 1)[-1], block_name(path), layer.hidden_size, layer.out_dim)
-
-
-def grid_shape(tokens: int, latent_hw: tuple[int, int]) -> Optional[tuple[int, int]]:
-    """``(h, w)`` of a site's token grid: the latent ``(H, W)`` downsampled by a power of two
-    (stride-2 convolutions round up) so that ``h * w == tokens``; ``None`` if none fits."""
-    H, W = latent_hw
-    f = 1
-    while f <= max(H, W):
-        h, w = math.ceil(H / f), math.ceil(W / f)
-        if h * w == tokens:
-            return h, w
-        f *= 2
-    return None
-
-
-def _segments(sizes: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(segment id per token (sum T,), tokens per segment (n,))`` for sites of ``sizes`` tokens laid end to end."""
-    counts = torch.tensor(sizes, device=device)
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts), counts.float()
-
-
-def _shares(idx: torch.Tensor, seg: torch.Tensor, n: int, E: int) -> torch.Tensor:
-    """``(B, n, E)`` token counts per (sample, segment, expert) of expert indices ``idx`` ``(B, sum T, k)``."""
-    B = idx.shape[0]
-    key = (torch.arange(B, device=idx.device).view(B, 1, 1) * n + seg.view(1, -1, 1)) * E + idx
-    return torch.bincount(key.reshape(-1), minlength=B * n * E).view(B, n, E).float()
-
-
-def call_stats(logits: Sequence[torch.Tensor], top_k: int, routing: str, tokens: bool = False):
-    """Reductions over the tokens for ``n`` sites of one UNet call, computed together on their device.
-
-    Args:
-        logits (list of `torch.Tensor`): each site's gate logits ``(B, T_i, E)`` (same ``B`` and ``E``).
-        top_k (`int`), routing (`str`): the sites' routing; the choice comes from the routing
-            registry (:func:`segmoe_lab.moe.get_routing`, the rule :func:`~segmoe_lab.moe.route` applies).
-        tokens (`bool`, *optional*, defaults to `False`): also return per-token data.
-
-    Returns:
-        ``stats`` ``(n, 4, B, E)``: mean softmax probability, share of tokens with the expert in
-        their top-k, share of tokens the routing sent to it, and whether it is in the sample's
-        top-k of summed logits; with ``tokens``, also ``(argmax, strongest, probs)``: per token
-        ``(B, sum T)`` the most probable expert and the routed expert with the largest mixing
-        weight, and ``(B, E, sum T)`` float16 probabilities.
-    """
-    B, _, E = logits[0].shape
-    n = len(logits)
-    seg, counts = _segments([t.shape[1] for t in logits], logits[0].device)
-    chosen = torch.cat([get_routing(routing)(t, top_k) for t in logits], 1)  # (B, sum T, k): the layers' own choice
-    L = torch.cat(logits, 1).float()  # (B, sum T, E)
-    probs = L.transpose(1, 2).contiguous().softmax(1)  # (B, E, sum T): CPUs reduce a short last dim slowly
-    prob_mean = torch.zeros(B, E, n, device=L.device).index_add_(2, seg, probs) / counts  # (B, E, n)
-    top = L.argmax(-1, keepdim=True) if top_k == 1 else L.topk(top_k, -1).indices  # (B, sum T, k)
-    per_token = _shares(top, seg, n, E) / counts[:, None]  # (B, n, E)
-    routed = _shares(chosen, seg, n, E) / counts[:, None]
-    sums = torch.zeros(B, n, E, device=L.device).index_add_(1, seg, L)  # (B, n, E) logits summed over tokens
-    in_sample = torch.zeros_like(sums).scatter_(-1, sums.topk(top_k, -1).indices, 1.0)
-    stats = torch.stack([prob_mean.transpose(1, 2), per_token, routed, in_sample]).permute(2, 0, 1, 3)  # (n, 4, B, E)
-    if not tokens:
-        return stats, None
-    argmax = top[..., 0] if top_k == 1 else L.argmax(-1)  # (B, sum T)
-    strongest = chosen.gather(-1, L.gather(-1, chosen).argmax(-1, keepdim=True)).squeeze(-1)  # (B, sum T)
-    return stats, (argmax, strongest, probs.half())
 
 
 # --- the recording ---------------------------------------------------------------------------------
@@ -249,7 +180,7 @@ class GateRecording:
                 (what ``per_sample`` routing would pick).
             chosen: the layer's routing used the expert for at least one token of the sample.
 
-        Cross-attention k/v sites skipped by :func:`segmoe_lab.kvcache.cache_cross_kv` repeat their
+        Cross-attention k/v sites skipped by :func:`segmoe_lab.merge.kvcache.cache_cross_kv` repeat their
         previous step's values (their input, the text embedding, does not change).
         """
         cols: dict[str, list] = {k: [] for k in ("call", "generation", "step", "timestep", "sample", "prompt_index",
@@ -550,121 +481,4 @@ def record_gates(pipe, prompts: Optional[Union[str, Sequence[str]]] = None, *, s
 
 # --- ground truth on the toy world ---------------------------------------------------------------
 
-def domain_routing(frame: pd.DataFrame, domain_of_prompt: Union[Mapping, pd.Series], expert_of_domain: Mapping[str, int],
-                   by: Union[str, Sequence[str]] = "label", half: str = "cond") -> pd.DataFrame:
-    """How often prompts of a domain route to that domain's expert, per site (or ``by`` columns) and overall.
 
-    Args:
-        frame (`pd.DataFrame`): :meth:`GateRecording.frame`.
-        domain_of_prompt (`dict` or `pd.Series`): prompt text (or prompt index) -> domain; prompts
-            without a domain, or whose domain has no expert, are left out.
-        expert_of_domain (`dict`): domain -> expert index.
-        by (`str` or `list[str]`, *optional*, defaults to ``"label"``): frame columns to group by
-            (``"label"`` per site; ``"kind"``, ``"block"``, ``"step"``, ...).
-        half (`str`, *optional*, defaults to ``"cond"``): which guidance half to judge (the
-            unconditional half sees the negative prompt); ``"none"`` runs without guidance are
-            always included.
-
-    Returns:
-        One row per group, then one ``"all"`` row, with ``n`` (prompt-steps judged), ``chance``
-        (k / E), and the rate at which the domain's expert is: ``chosen`` (by the merge's own
-        routing), ``per_sample`` (in the sample's top-k of summed logits), ``per_token`` (mean
-        share of tokens with it in their top-k), ``top1`` (highest mean probability), and its mean
-        probability ``prob``.
-    """
-    by = [by] if isinstance(by, str) else list(by)
-    mapping = dict(domain_of_prompt.items()) if isinstance(domain_of_prompt, pd.Series) else dict(domain_of_prompt)
-    key = "prompt_index" if mapping and all(isinstance(k, (int, np.integer)) for k in mapping) else "prompt"
-    f = frame[frame.cfg_half.isin([half, "none"])]
-    domain = f[key].astype(object).map(mapping)
-    target = domain.map(dict(expert_of_domain))
-    f = f.assign(domain=domain, target=target)
-    f = f[f.target.notna()]
-    if f.empty:
-        raise ValueError("no recorded prompt has a domain with an expert: check domain_of_prompt's keys "
-                         f"(prompt texts or indices) against the frame and expert_of_domain ({dict(expert_of_domain)})")
-    keys = ["call", "site", "sample"]
-    top1 = f.loc[f.groupby(keys, observed=True).prob_mean.idxmax(), keys + ["expert"]]
-    top1 = top1.rename(columns={"expert": "top1_expert"})
-    mine = f[f.expert == f.target.astype(int)].merge(top1, on=keys)
-    mine = mine.assign(chosen=mine.chosen.astype(float), per_sample=mine.sample_topk.astype(float),
-                       per_token=mine.topk_share, top1=(mine.top1_expert == mine.expert).astype(float))
-    metrics = {"n": ("prob_mean", "size"), "chosen": ("chosen", "mean"), "per_sample": ("per_sample", "mean"),
-               "per_token": ("per_token", "mean"), "top1": ("top1", "mean"), "prob": ("prob_mean", "mean")}
-    table = mine.groupby(by, observed=True, sort=True).agg(**metrics).reset_index()
-    overall = {c: "all" for c in by} | {name: mine[col].agg(fn) for name, (col, fn) in metrics.items()}
-    table = pd.concat([table.astype({c: object for c in by}), pd.DataFrame([overall])], ignore_index=True)
-    table.insert(len(by) + 1, "chance", _chance(f))
-    return table
-
-
-def _chance(f: pd.DataFrame) -> float:
-    """k / E: how often a random pick of k experts out of E would hit the domain's expert."""
-    per = f.groupby(["call", "site", "sample"], observed=True).agg(k=("sample_topk", "sum"), E=("expert", "size"))
-    return float((per.k / per.E).mean())
-
-
-def domain_experts(cfg, domains) -> dict[str, int]:
-    """Each domain's expert in a merge config, matched by name: the domain appears in exactly one
-    expert's ``source_model`` (else in exactly one ``positive_prompt``), case-insensitively.
-
-    Args:
-        cfg (`MergeConfig`): the merge (its ``experts`` list; the LoRA-only form has none).
-        domains (iterable of `str`): e.g. the ``category`` column of the toy prompt set.
-
-    Returns:
-        ``{domain: expert index}`` for the domains that match one expert (others are left out).
-    """
-    experts = list(getattr(cfg, "experts", None) or [])
-    found = {}
-    for domain in dict.fromkeys(str(d) for d in domains):
-        for field_ in ("source_model", "positive_prompt"):
-            hits = [i for i, e in enumerate(experts) if domain.lower() in str(getattr(e, field_)).lower()]
-            if len(hits) == 1:
-                found[domain] = hits[0]
-                break
-    return found
-
-
-
-
-def describe_domain_routing(table: Optional[pd.DataFrame], routing: str = "the merge's", margin: float = 0.15,
-                            most: int = 8) -> str:
-    """Which layers route by domain, in words, from a :func:`domain_routing` table.
-
-    A group (site, kind, block, ... whatever the table is by) *routes by domain* when its domain's
-    expert is in the per-sample top-k at least ``margin`` above chance. ``routing`` names the
-    merge's own policy (the ``chosen`` column).
-    """
-    if table is None or table.empty:
-        return ("No domain ground truth: the prompts' categories do not name the merge's experts "
-                "(the toy world's prompt set and merge have it).")
-    by = [c for c in table.columns if c not in ("n", "chance", "chosen", "per_sample", "per_token", "top1", "prob")]
-    rows = table[table[by[0]] != "all"]
-    overall = table[table[by[0]] == "all"].iloc[0]
-    chance = float(overall.chance)
-    names = rows[by].astype(str).agg(" ".join, axis=1)
-    lifted = rows.per_sample - rows.chance
-    routes = lifted >= margin
-    groups = "sites" if by in (["label"], ["site"]) else "groups by " + " / ".join(by)
-    lines = [
-        f"Over {len(rows)} {groups}, a prompt's own domain expert is the gate's first choice "
-        f"(highest mean probability) for {overall.top1:.0%} of prompt-steps, against {chance:.0%} by chance. "
-        f"Per policy: per-sample top-k picks it {overall.per_sample:.0%} of the time, per-token top-k gives it "
-        f"{overall.per_token:.0%} of the tokens, and {routing} routing used it {overall.chosen:.0%} of the time.",
-    ]
-    if routes.any():
-        order = lifted[routes].sort_values(ascending=False).index
-        shown = ", ".join(f"{names[i]} ({rows.per_sample[i]:.0%})" for i in order[:most])
-        more = f" and {routes.sum() - most} more" if routes.sum() > most else ""
-        lines.append(f"{int(routes.sum())} of {len(rows)} route by domain (per-sample rate at least {margin:.0%} above "
-                     f"chance): {shown}{more}.")
-    else:
-        lines.append(f"No group routes by domain (none has a per-sample rate {margin:.0%} above chance).")
-    flat = rows[~routes]
-    if len(flat):
-        lines.append(f"The other {len(flat)} stay below that (mean per-sample rate {flat.per_sample.mean():.0%}).")
-    best = max(("per_sample", "per_token", "chosen"), key=lambda c: overall[c])
-    label = {"per_sample": "per-sample routing", "per_token": "per-token routing", "chosen": f"{routing} routing"}[best]
-    lines.append(f"Of the policies, {label} keeps the most domain information ({overall[best]:.0%}).")
-    return "\n".join(lines)

@@ -3,7 +3,7 @@
 A UNet's cross-attention (``attn2``) keys and values are ``to_k`` / ``to_v`` of the text
 embedding, which is the same tensor at every denoising step, so :func:`cache_cross_kv`
 memoises their outputs for the duration of a ``with`` block. It works for plain UNets and for
-merges, where those projections may be :class:`~segmoe_lab.moe.MoELayer` s (whose routing
+merges, where those projections may be :class:`~segmoe_lab.merge.moe.MoELayer` s (whose routing
 depends on that same input, so their output is constant too).
 
 A cached output is reused only when the projection is called with the very same tensor object,

@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import GateOptions
-from .discovery import Site, get_module
-from .moe import iter_moe_layers
+from segmoe_lab.merge.config import GateOptions
+from segmoe_lab.merge.discovery import Site, get_module
+from segmoe_lab.merge.moe import iter_moe_layers
 
 # mergekit-moe warns when a gate matrix's condition number exceeds this: its rows are then
 # nearly linearly dependent and the gate cannot tell the experts apart.

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
+from segmoe_lab.sources.errors import SourceError
+
 PART = "download.part"
 CHUNK = 1 << 16  # small enough that a dropped connection loses little
 _PICKLE = (".ckpt", ".pt", ".pth", ".bin")
@@ -46,7 +48,6 @@ def download_url(url: str, root: Path, *, token: Optional[str] = None, token_env
         retries (`int`, *optional*, defaults to 3): further tries after a connection drops mid-file.
         progress (`bool`, *optional*): show a progress bar.
     """
-    from .sources import SourceError
 
     done = cached_download(url, root)
     if done is not None:
@@ -82,8 +83,6 @@ def _part_size(folder: Path) -> int:
 def _fetch(url, folder: Path, token, token_env, allow_pickle, timeout, progress) -> Path:
     import requests
     from tqdm.auto import tqdm
-
-    from .sources import SourceError
 
     part = folder / PART
     offset = _part_size(folder)
@@ -129,8 +128,6 @@ def _fetch(url, folder: Path, token, token_env, allow_pickle, timeout, progress)
 def _check_safetensors(part: Path, url: str) -> None:
     from safetensors import SafetensorError, safe_open
 
-    from .sources import SourceError
-
     try:
         with safe_open(str(part), framework="pt") as f:
             f.keys()
@@ -142,7 +139,6 @@ def _check_safetensors(part: Path, url: str) -> None:
 
 
 def _check_status(resp, url: str, token: Optional[str], token_env: Optional[str]) -> None:
-    from .sources import SourceError
 
     code = resp.status_code
     if code in (401, 403):
@@ -173,7 +169,6 @@ def _file_name(resp, url: str) -> str:
 
 
 def _check_name(name: str, url: str, allow_pickle: bool) -> None:
-    from .sources import SourceError
 
     suffix = Path(name).suffix.lower()
     if suffix in _PICKLE and not allow_pickle:

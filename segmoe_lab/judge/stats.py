@@ -1,6 +1,6 @@
 """Statistics over a comparison's tidy table: per-model summaries and paired merge-vs-model tests.
 
-The table has one row per model x prompt x seed x scorer (see :mod:`segmoe_lab.compare`). The
+The table has one row per model x prompt x seed x scorer (see :mod:`segmoe_lab.judge.compare`). The
 unit of resampling is the **prompt** by default: a prompt's seeds are averaged first, because
 images of one prompt are not independent draws, and the bootstrap then resamples prompts. Pass
 ``unit="image"`` to treat every prompt x seed as independent (narrower, optimistic intervals).

@@ -15,11 +15,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .build import DTYPES, build_merge, make_scheduler
-from .config import MergeConfig, load_config, parse_config
-from .gating import gate_report
-from .io import load_merge, save_merge, segmoe_config_for
-from .moe import iter_moe_layers, set_routing
+from segmoe_lab.merge.build import DTYPES, build_merge, make_scheduler
+from segmoe_lab.merge.config import MergeConfig, load_config, parse_config
+from segmoe_lab.merge.gating import gate_report
+from segmoe_lab.merge.io import load_merge, save_merge, segmoe_config_for
+from segmoe_lab.merge.moe import iter_moe_layers, set_routing
 
 
 def default_device() -> str:
@@ -48,7 +48,7 @@ class SegMoEPipeline:
 
     Attributes:
         pipe: the diffusers pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``).
-        unet: ``pipe.unet``, whose MoE sites are :class:`~segmoe_lab.moe.MoELayer` s.
+        unet: ``pipe.unet``, whose MoE sites are :class:`~segmoe_lab.merge.moe.MoELayer` s.
         config (`MergeConfig`): the merge's config.
     """
 
@@ -64,7 +64,7 @@ class SegMoEPipeline:
             self._build(load_config(path), dtype, progress)
             return
         if not path.is_dir():
-            from .sources import resolve_source
+            from segmoe_lab.sources import resolve_source
 
             path = resolve_source(str(config_or_path)).path
         load_dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
@@ -89,7 +89,7 @@ class SegMoEPipeline:
         return self.pipe(*args, **kwargs)
 
     def save_pretrained(self, path: Union[str, Path], overwrite: bool = False) -> Path:
-        """Write the merge in segmoe's folder format (atomically; see :func:`segmoe_lab.io.save_merge`)."""
+        """Write the merge in segmoe's folder format (atomically; see :func:`segmoe_lab.merge.io.save_merge`)."""
         return save_merge(self.pipe, path, self.config, overwrite=overwrite)
 
     def to(self, device=None, dtype=None) -> "SegMoEPipeline":

@@ -18,8 +18,8 @@ from typing import Optional, Union
 
 import pandas as pd
 
-from . import stats
-from .compare import Comparison, image_key
+from segmoe_lab.judge import stats
+from segmoe_lab.judge.compare import Comparison, image_key
 
 
 def grid(result: Comparison, seed: Optional[int] = None, prompts: Optional[list] = None, models: Optional[list] = None,
