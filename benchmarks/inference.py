@@ -31,15 +31,18 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from segmoe_lab.merge.discovery import find_sites, get_module, set_module  # noqa: E402
 from segmoe_lab.merge.kvcache import cache_cross_kv  # noqa: E402
-from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, set_routing  # noqa: E402
+from segmoe_lab.merge.config import parse_config  # noqa: E402
+from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, moe_layer, set_routing  # noqa: E402
+from segmoe_lab.merge.routing import ROUTINGS  # noqa: E402
 from segmoe_lab.testing import unet_inputs  # noqa: E402
 
-ROUTINGS = ("segmoe", "per_sample", "per_token")
 
 
 def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int = 1, seed: int = 0) -> nn.Module:
     """A merged copy of ``base``: each site's experts are seeded perturbations of it; random unit gate rows."""
     merged = copy.deepcopy(base)
+    cfg = parse_config({"base_model": "bench", "type": "sd", "moe_layers": moe_layers, "num_experts_per_tok": top_k,
+                        "experts": [{"source_model": f"expert_{i}"} for i in range(n_experts)]})
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in find_sites(merged, moe_layers):
@@ -52,7 +55,7 @@ def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int
                 experts.append(e)
             gate = nn.Linear(s.in_features, n_experts, bias=False)
             gate.weight.copy_(nn.functional.normalize(torch.randn(n_experts, s.in_features, generator=g), dim=-1))
-            set_module(merged, s.path, MoELayer(experts, gate, top_k=top_k))
+            set_module(merged, s.path, moe_layer(experts, cfg, gate))
     return merged.eval()
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from segmoe_lab.merge.config import ConfigError, MergeConfig, SchedulerName, load_config, parse_config
+from segmoe_lab.merge.config import ConfigError, MergeConfig, SchedulerName, load_config
 
 GiB = 2**30
 HEADROOM = 1.5 * GiB  # activations, CUDA context and allocator slack on top of the weights (rough)
@@ -87,7 +87,7 @@ def merge_config(config: Union[str, Path, MergeConfig] = "toy", **overrides: Any
     else:
         raise ConfigError(f"config={str(config)!r}: no such file (relative paths start at {Path.cwd()}); give 'toy', "
                           "a YAML merge config such as '../experiments/segmoe_sd_4x2.yaml', a merge folder or a hub id")
-    return parse_config({**cfg.model_dump(), **overrides}, source=f"{source} with {overrides}" if overrides else source)
+    return cfg.updated(source, **overrides)
 
 
 # --- where it runs ------------------------------------------------------------------------------

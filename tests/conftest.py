@@ -61,3 +61,44 @@ def sdxl_set(fixture_sets):
 def layout_set(request, fixture_sets):
     """Each layout's fixture set in turn (a test using it runs once per layout)."""
     return fixture_sets[request.param]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: "fails at once" means "never dialled out"."""
+    import socket
+
+    def refuse(self, address, *args, **kwargs):
+        raise AssertionError(f"the code under test tried to connect to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+
+
+@pytest.fixture
+def hang_guard():
+    """Run ``fn`` in a thread and fail if it is still running after ``limit`` seconds.
+
+    A hang detector, not a speed check: the limit is many times what the call needs (speed is
+    measured in ``benchmarks/``), so only a call that waits on a silent server forever trips it.
+    """
+    import threading
+
+    def run(fn, limit: float = 60.0):
+        box = {}
+
+        def target():
+            try:
+                box["value"] = fn()
+            except BaseException as err:  # noqa: BLE001  handed back to the test
+                box["error"] = err
+
+        worker = threading.Thread(target=target, daemon=True)
+        worker.start()
+        worker.join(limit)
+        assert not worker.is_alive(), f"still waiting after {limit:g} s: the call hangs"
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    return run

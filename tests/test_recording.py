@@ -15,7 +15,8 @@ from segmoe_lab.observe.explore import GateExplorer, explore, is_interactive  # 
 from segmoe_lab.merge.kvcache import cache_cross_kv  # noqa: E402
 from segmoe_lab.merge.moe import iter_moe_layers, set_routing  # noqa: E402
 from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
-from segmoe_lab.observe.recording import FRAME_COLUMNS, grid_shape, record_gates
+from segmoe_lab.observe.gate_stats import grid_shape
+from segmoe_lab.observe.recording import FRAME_COLUMNS, record_gates
 
 PROMPTS = ["a photo of a red cat", "a pencil sketch of a green car"]
 KEY = ["call", "site", "sample", "expert"]

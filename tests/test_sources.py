@@ -6,7 +6,6 @@ import re
 import shutil
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -142,30 +141,26 @@ def test_hub_file_in_repo_resolves_from_cache(tmp_path, monkeypatch):
     assert res.form == "single_file" and res.path.name == "b.safetensors" and res.origin == "hub"
 
 
-def test_hub_offline_and_not_cached_fails_at_once_with_the_fix(monkeypatch):
+def test_hub_offline_and_not_cached_fails_at_once_with_the_fix(monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(SourceError) as info:
         resolve_source("someorg/not-cached")
-    assert time.monotonic() - start < 3
     msg = str(info.value)
     for part in ("'someorg/not-cached'", "HF_HUB_OFFLINE", "hf download someorg/not-cached", "HF_HOME"):
         assert part in msg, msg
 
 
-def test_hub_unreachable_fails_fast(monkeypatch):
+def test_hub_unreachable_fails_without_hanging(monkeypatch, hang_guard):
     from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    start = time.monotonic()
     with pytest.raises(SourceError, match=r"someorg/x is not in .*could not be reached.*hf download someorg/x"):
-        resolve_source("someorg/x")
-    assert time.monotonic() - start < 5
+        hang_guard(lambda: resolve_source("someorg/x"))
 
 
-def test_hub_that_never_answers_times_out(monkeypatch):
+def test_hub_that_never_answers_times_out(monkeypatch, hang_guard):
     """A server that accepts connections but never replies (a black hole) costs only ``timeout``."""
     from huggingface_hub import constants
 
@@ -175,10 +170,8 @@ def test_hub_that_never_answers_times_out(monkeypatch):
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        start = time.monotonic()
         with pytest.raises(SourceError, match=r"could not be reached"):
-            resolve_source("someorg/x", timeout=1.0)
-        assert time.monotonic() - start < 5
+            hang_guard(lambda: resolve_source("someorg/x", timeout=1.0))
 
 
 def test_hub_patterns_fetch_only_one_safetensors_set():
@@ -395,12 +388,11 @@ def test_civitai_pickle_and_web_page_refused(civitai):
     assert not list((sources.default_cache_dir() / "civitai").rglob("*.safetensors"))  # nothing half-valid kept
 
 
-def test_civitai_unreachable_fails_fast():
+def test_civitai_unreachable_fails_without_hanging(hang_guard):
     port = _closed_port()
-    start = time.monotonic()
     with pytest.raises(SourceError, match=rf"could not connect to 127.0.0.1:{port}.*Tried.*connect timeout"):
-        resolve_source(f"http://127.0.0.1:{port}/api/download/models/1", civitai_base=f"http://127.0.0.1:{port}")
-    assert time.monotonic() - start < 5
+        hang_guard(lambda: resolve_source(f"http://127.0.0.1:{port}/api/download/models/1",
+                                          civitai_base=f"http://127.0.0.1:{port}"))
 
 
 # --- loading pipelines and UNet tensors (tiny fixtures) --------------------------------------------

@@ -12,14 +12,18 @@ from segmoe_lab.toy import models, world
 from segmoe_lab.toy.truth import check
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = toy.paths()["sdxl_neon"].is_dir()
-needs_weights = pytest.mark.skipif(not SHIPPED, reason="the toy weights are not in segmoe_lab/toy/weights yet")
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
+
+
+def test_every_shipped_model_is_present():
+    # the weights ship with the repo: a missing one must fail here, never skip a test silently
+    missing = [name for name, path in toy.paths().items() if not path.exists()]
+    assert not missing, f"toy weights missing from segmoe_lab/toy/weights: {missing}"
 
 
 # --- world and ground truth ----------------------------------------------------------------------
@@ -100,6 +104,8 @@ def quick_weights(tmp_path_factory):
     return out
 
 
+# both use the two-process quick training (about 30 s on 2 cores): slow, still run by `make test`
+@pytest.mark.slow
 def test_toy_train_quick_writes_every_model_and_loss_curves(quick_weights):
     for name, path in toy.paths(quick_weights).items():
         assert path.exists(), name
@@ -109,6 +115,7 @@ def test_toy_train_quick_writes_every_model_and_loss_curves(quick_weights):
     assert not (quick_weights / ".stages").exists()
 
 
+@pytest.mark.slow
 def test_toy_train_stage_gives_the_same_weights_in_this_process_as_in_a_worker(quick_weights, tmp_path):
     import shutil
 
@@ -134,7 +141,6 @@ def test_quick_refuses_to_overwrite_shipped_weights():
 
 # --- shipped weights ----------------------------------------------------------------------------
 
-@needs_weights
 def test_shipped_weights_are_small_and_fp16():
     from safetensors import safe_open
 
@@ -144,7 +150,6 @@ def test_shipped_weights_are_small_and_fp16():
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
 
 
-@needs_weights
 @pytest.mark.parametrize("name", ["base", "neon", "sdxl_flat"])
 def test_shipped_pipelines_generate_offline(name):
     pipe = toy.load_pipeline(name)
@@ -153,7 +158,6 @@ def test_shipped_pipelines_generate_offline(name):
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
 
 
-@needs_weights
 def test_shipped_sampler_keeps_backgrounds_with_guidance():
     """DDIM + v-prediction + guidance 7.5 (the pipelines' defaults): backgrounds stay the domain's."""
     pipe = toy.load_base()
@@ -163,7 +167,6 @@ def test_shipped_sampler_keeps_backgrounds_with_guidance():
     assert sum(check(im, d)["style"] for im, d in zip(images, descs)) >= len(descs) - 1
 
 
-@needs_weights
 def test_lora_and_single_file_forms_load():
     from diffusers import StableDiffusionPipeline
 
@@ -178,7 +181,6 @@ def test_lora_and_single_file_forms_load():
         torch.testing.assert_close(a, b.float(), msg=k)
 
 
-@needs_weights
 def test_clip_retrieves_rendered_captions():
     from segmoe_lab.toy.quality import ClipScorer, retrieval
 
@@ -186,7 +188,6 @@ def test_clip_retrieves_rendered_captions():
     assert result["top1"] > 0.5 and result["domain_acc"] > 0.9
 
 
-@needs_weights
 def test_merge_config_matches_experiments_yaml():
     from segmoe_lab.merge.config import load_config
 

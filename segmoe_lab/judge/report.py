@@ -2,7 +2,8 @@
 
 :func:`report` writes the tidy table (CSV + Parquet), per-model summaries, paired statistics
 (overall and per category), scorer agreement, one prompts x models grid per seed, the settings
-and model fingerprints (``config.json``) and a ``report.md`` with the tables.
+and model fingerprints (``config.json``) and a ``report.md`` with the tables. ``result`` is a
+:class:`~segmoe_lab.judge.compare.Comparison` (compare calls this module, so it is not imported here).
 
 Example::
 
@@ -19,10 +20,10 @@ from typing import Optional, Union
 import pandas as pd
 
 from segmoe_lab.judge import stats
-from segmoe_lab.judge.compare import Comparison, image_key
+from segmoe_lab.judge.images import image_key
 
 
-def grid(result: Comparison, seed: Optional[int] = None, prompts: Optional[list] = None, models: Optional[list] = None,
+def grid(result, seed: Optional[int] = None, prompts: Optional[list] = None, models: Optional[list] = None,
          cell: int = 128, label_width: int = 220):
     """Prompts (rows) x models (columns) for one seed (default: the first), as one labelled PIL image."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -67,7 +68,7 @@ def plot_agreement(table: pd.DataFrame, x: str, y: str, ax=None):
     return ax.figure
 
 
-def report(result: Comparison, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int = 2000, seed: int = 0) -> Path:
+def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int = 2000, seed: int = 0) -> Path:
     """Write the tables (CSV + Parquet), summaries, paired statistics, scorer agreement and grids to ``out_dir``."""
     out = Path(out_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)

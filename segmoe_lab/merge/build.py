@@ -25,11 +25,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from segmoe_lab.merge.config import ExpertConfig, LoraConfig, MergeConfig, parse_config
-from segmoe_lab.merge.discovery import Site, find_sites, get_module, set_module, site_prefixes
-from segmoe_lab.merge.gating import GateContext, capture_hidden, gate_report, get_gate_init, warn_degenerate
-from segmoe_lab.merge.moe import MoELayer
 from segmoe_lab import sources
+from segmoe_lab.merge.capture import capture_hidden
+from segmoe_lab.merge.config import LoraConfig, MergeConfig, parse_config
+from segmoe_lab.merge.discovery import (
+    Site,
+    find_sites,
+    get_module,
+    set_module,
+    site_prefixes,
+)
+from segmoe_lab.merge.gating import (
+    GateContext,
+    gate_report,
+    get_gate_init,
+    warn_degenerate,
+)
+from segmoe_lab.merge.moe import moe_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -207,6 +219,7 @@ def _store_expert(stacks: dict[str, torch.Tensor], i: int, n: int, tensors: dict
 class _Builder:
     def __init__(self, cfg: MergeConfig, device: str, dtype: torch.dtype, progress: bool):
         self.cfg, self.device, self.dtype, self.progress = cfg, device, dtype, progress
+        self.gate_init = get_gate_init(cfg.init)
 
     def load_base(self):
         self.base_res = sources.resolve_source(self.cfg.base_model, model_type=self.cfg.type)
@@ -224,7 +237,7 @@ class _Builder:
         self._base_copy = None
 
     def _needs_full_unet(self, spec: ExpertSpec) -> bool:
-        return self.cfg.init == "hidden" or bool(spec.loras)
+        return self.gate_init.needs_capture or bool(spec.loras)
 
     def read_expert(self, i: int, spec: ExpertSpec) -> tuple[dict[str, dict], Optional[dict]]:
         """Site tensors of expert ``i`` (and its captured hidden rows, for ``init=hidden``)."""
@@ -245,7 +258,7 @@ class _Builder:
         if spec.loras:
             fuse_loras(self.pipe, spec.loras, what)
         hidden = None
-        if self.cfg.init == "hidden":
+        if self.gate_init.needs_capture:
             hidden = capture_hidden(self.pipe, self.sites, spec.positive, spec.negative, self.cfg.gate, seed=self.cfg.seed)
         return {s.path: _site_tensors(unet, s) for s in self.sites}, hidden
 
@@ -274,7 +287,7 @@ class _Builder:
         if self.swapped:
             self.restore_base()
         ctx = GateContext(self.sites, len(specs), hidden or None, seed=self.cfg.seed, dtype=self.dtype)
-        gates = get_gate_init(self.cfg.init)(ctx)
+        gates = self.gate_init(ctx)
         unet = self.pipe.unet
         for s in tqdm(self.sites, desc="MoE sites", disable=not self.progress):
             base_site = get_module(unet, s.path)
@@ -283,7 +296,7 @@ class _Builder:
             gate = nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype)
             with torch.no_grad():
                 gate.weight.copy_(gates[s.path])
-            layer = MoELayer(experts, gate, top_k=self.cfg.num_experts_per_tok, routing=self.cfg.routing)
+            layer = moe_layer(experts, self.cfg, gate)
             set_module(unet, s.path, layer.to(self.device))
         self.pipe.scheduler = make_scheduler(self.cfg.scheduler, self.pipe.scheduler)
         return self.pipe
@@ -292,7 +305,7 @@ class _Builder:
     def _scheduler_for_gates(self):
         # segmoe generates its gate prompts with DDPM whatever the merge's scheduler is.
         old = self.pipe.scheduler
-        if self.cfg.init == "hidden":
+        if self.gate_init.needs_capture:
             self.pipe.scheduler = make_scheduler("ddpm", old)
         try:
             yield

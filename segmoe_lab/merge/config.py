@@ -3,7 +3,9 @@
 Every field of segmoe 0.0.4's configs is accepted unchanged (so its README examples load as
 they are); our additions all have defaults. A misspelt key, a wrong type or an unknown mode
 fails in one :class:`ConfigError` that names every bad field, its value and the valid choices.
-This module imports no torch, so a config can be checked on any machine.
+The ``routing`` and ``init`` choices are the keys of their registries
+(:data:`segmoe_lab.merge.routing.ROUTINGS`, :data:`segmoe_lab.merge.gating.GATE_INITS`), read when
+a config is validated; importing this module loads no torch.
 
 Example::
 
@@ -20,12 +22,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MoELayers = Literal["ff", "attn", "all"]
 ModelType = Literal["sd", "sdxl"]
-GateInitName = Literal["hidden", "random", "uniform"]
-RoutingName = Literal["segmoe", "per_sample", "per_token"]
 DTypeName = Literal["float32", "float16", "bfloat16"]
 SchedulerName = Literal["ddpm", "ddim", "euler", "euler_a", "dpm", "lms", "pndm", "unipc", "keep"]
 GateMethod = Literal["exact", "fast"]
@@ -91,14 +91,32 @@ class MergeConfig(_Strict):
     type: ModelType = "sdxl"
     experts: list[ExpertConfig] = Field(default_factory=list)
     loras: list[LoraConfig] = Field(default_factory=list)
-    init: GateInitName = "hidden"
+    init: str = "hidden"  # a key of merge.gating.GATE_INITS
     # --- segmoe-lab's additions --------------------------------------------------------------
-    routing: RoutingName = "segmoe"
+    routing: str = "segmoe"  # a key of merge.routing.ROUTINGS
     gate: GateOptions = Field(default_factory=GateOptions)
     scheduler: SchedulerName = "ddpm"  # segmoe forces DDPM; Turbo merges want euler_a or dpm
     dtype: DTypeName = "float32"
     include_mid: bool = False
     seed: int = 0
+
+    @field_validator("routing")
+    @classmethod
+    def _known_routing(cls, name: str) -> str:
+        from segmoe_lab.merge.routing import ROUTINGS
+
+        if name not in ROUTINGS:
+            raise ValueError(f"routing: {name!r} is not a routing policy; choose one of {sorted(ROUTINGS)}")
+        return name
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, name: str) -> str:
+        from segmoe_lab.merge.gating import GATE_INITS  # imports torch: only when a config is validated
+
+        if name not in GATE_INITS:
+            raise ValueError(f"init: {name!r} is not a gate construction; choose one of {sorted(GATE_INITS)}")
+        return name
 
     @model_validator(mode="after")
     def _check_counts(self) -> "MergeConfig":
@@ -123,6 +141,25 @@ class MergeConfig(_Strict):
         if errors:
             raise ValueError("\n".join(errors))  # one line each: _format lists them apart
         return self
+
+    def updated(self, source: str = "config", **overrides: Any) -> "MergeConfig":
+        """A validated copy with ``overrides`` applied field by field (each assignment is
+        validated, so the config never round-trips through a dict); bad values raise :class:`ConfigError`.
+
+        Example::
+
+            cfg.updated(num_experts_per_tok=2, routing="per_token")
+        """
+        unknown = sorted(set(overrides) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown config field(s) {unknown}; valid fields: {', '.join(type(self).model_fields)}")
+        new = self.model_copy(deep=True)
+        try:
+            for key, value in overrides.items():
+                setattr(new, key, value)
+        except ValidationError as err:
+            raise ConfigError(_format(err, f"{source} with {overrides}")) from None
+        return new
 
     def to_yaml(self) -> str:
         """The config as YAML, with every default written out."""
@@ -246,12 +283,3 @@ def summarize(cfg: MergeConfig) -> str:
         lines.append(f"  top-level LoRA: {lora.source_model}")
     return "\n".join(lines)
 
-
-CHOICES = {
-    "moe_layers": list(get_args(MoELayers)),
-    "type": list(get_args(ModelType)),
-    "init": list(get_args(GateInitName)),
-    "routing": list(get_args(RoutingName)),
-    "dtype": list(get_args(DTypeName)),
-    "scheduler": list(get_args(SchedulerName)),
-}

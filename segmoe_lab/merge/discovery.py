@@ -23,6 +23,9 @@ from typing import Iterator, Sequence
 from torch import nn
 
 ATTN_KINDS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v")
+# cross-attention keys and values: their input is the text embedding alone (constant over the
+# denoising steps, no image grid), which the recorder and the K/V cache both rely on
+CROSS_KV_KINDS = ("attn2.to_k", "attn2.to_v")
 FF_KINDS = ("ff",)
 KINDS_FOR = {"attn": ATTN_KINDS, "ff": FF_KINDS, "all": FF_KINDS + ATTN_KINDS}
 KIND_LABELS = {
@@ -65,7 +68,7 @@ class Site:
     @property
     def is_cross_kv(self) -> bool:
         """Input is the text embedding (constant over denoising steps), not the image tokens."""
-        return self.kind in ("attn2.to_k", "attn2.to_v")
+        return self.kind in CROSS_KV_KINDS
 
 
 def block_name(path: str) -> str:

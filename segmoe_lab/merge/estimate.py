@@ -144,17 +144,15 @@ def meta_merge(unet_config: dict, cfg: MergeConfig):
     from diffusers import UNet2DConditionModel
 
     from segmoe_lab.merge.discovery import find_sites, get_module, set_module
-    from segmoe_lab.merge.moe import MoELayer
+    from segmoe_lab.merge.moe import moe_layer
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
         base = _params(unet)
         sites = find_sites(unet, cfg.moe_layers, cfg.include_mid)
-        top_k = min(cfg.num_experts_per_tok, cfg.num_experts)
         for s in sites:
             site = get_module(unet, s.path)
-            experts = [copy.deepcopy(site) for _ in range(cfg.num_experts)]
-            set_module(unet, s.path, MoELayer(experts, None, top_k=top_k, routing=cfg.routing))
+            set_module(unet, s.path, moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
     return base, unet, sites
 
 

@@ -1,28 +1,28 @@
-"""Gate initialisers: one ``[num_experts, hidden]`` matrix per MoE site, without training.
+"""Gate constructions: one ``[num_experts, hidden]`` matrix per MoE site, without training.
 
-Every initialiser in :data:`GATE_INITS` has one signature, ``init(ctx: GateContext) -> {site
-path: Tensor[E, hidden]}``. ``hidden`` is SegMoE's method: each expert generates from its own
+Every construction in :data:`GATE_INITS` (the config's ``init``) has one signature,
+``init(ctx: GateContext) -> {site path: Tensor[E, hidden]}``, and is registered with
+:func:`gate_init`: a new one is one decorated function in this file plus its test. ``hidden`` is SegMoE's method: each expert generates from its own
 positive/negative prompt, the input of every MoE site is captured, reduced to one vector and
 L2-normalised; row ``i`` of a site's gate is expert ``i``'s vector, so the gate scores a token
 by its similarity to what each expert saw for its prompt.
 
 Example::
 
-    rows = capture_hidden(pipe, sites, "a photo", "blurry", GateOptions(method="fast"))
+    rows = capture_hidden(pipe, sites, "a photo", "blurry", GateOptions(method="fast"))  # merge.capture
     gates = get_gate_init("hidden")(GateContext(sites, 2, hidden=[rows, rows_of_expert_1]))
 """
 from __future__ import annotations
 
+import inspect
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from segmoe_lab.merge.config import GateOptions
-from segmoe_lab.merge.discovery import Site, get_module
+from segmoe_lab.merge.discovery import Site
 from segmoe_lab.merge.moe import iter_moe_layers
 
 # mergekit-moe warns when a gate matrix's condition number exceeds this: its rows are then
@@ -54,6 +54,49 @@ def _normalise(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
 
 
+GateInit = Callable[[GateContext], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GateConstruction:
+    """A registered gate construction (the config's ``init``).
+
+    Args:
+        name (`str`): the config value.
+        build (`Callable`): ``(ctx: GateContext) -> {site path: Tensor[E, hidden]}``.
+        needs_capture (`bool`): it reads each expert's captured site inputs (``ctx.hidden``), so the
+            builder loads every expert's whole UNet and generates from its prompts
+            (:func:`segmoe_lab.merge.capture.capture_hidden`).
+    """
+
+    name: str
+    build: GateInit
+    needs_capture: bool = False
+
+    def __call__(self, ctx: GateContext) -> dict[str, torch.Tensor]:
+        return self.build(ctx)
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.build) or ""
+
+
+GATE_INITS: dict[str, GateConstruction] = {}
+
+
+def gate_init(name: str, needs_capture: bool = False) -> Callable[[GateInit], GateInit]:
+    """Register a gate construction as the config's ``init: <name>`` (a decorator)."""
+
+    def register(fn: GateInit) -> GateInit:
+        if name in GATE_INITS:
+            raise ValueError(f"gate construction {name!r} is registered twice")
+        GATE_INITS[name] = GateConstruction(name, fn, needs_capture)
+        return fn
+
+    return register
+
+
+@gate_init("hidden", needs_capture=True)
 def init_hidden(ctx: GateContext) -> dict[str, torch.Tensor]:
     """SegMoE's hidden-state gates: row i = expert i's L2-normalised reduced site input."""
     if not ctx.hidden or len(ctx.hidden) != ctx.num_experts:
@@ -61,12 +104,14 @@ def init_hidden(ctx: GateContext) -> dict[str, torch.Tensor]:
     return {s.path: torch.stack([_normalise(h[s.path].float()) for h in ctx.hidden]).to(ctx.dtype) for s in ctx.sites}
 
 
+@gate_init("random")
 def init_random(ctx: GateContext) -> dict[str, torch.Tensor]:
     """Seeded random unit rows: a baseline with no information about the experts."""
     g = torch.Generator().manual_seed(ctx.seed)
     return {s.path: _normalise(torch.randn(ctx.num_experts, s.in_features, generator=g)).to(ctx.dtype) for s in ctx.sites}
 
 
+@gate_init("uniform")
 def init_uniform(ctx: GateContext) -> dict[str, torch.Tensor]:
     """All-zero gates: every expert gets the same weight, so with ``num_experts_per_tok`` equal
     to the number of experts the merge averages the experts' site outputs (ties in top-k go to
@@ -74,84 +119,15 @@ def init_uniform(ctx: GateContext) -> dict[str, torch.Tensor]:
     return {s.path: torch.zeros(ctx.num_experts, s.in_features, dtype=ctx.dtype) for s in ctx.sites}
 
 
-GATE_INITS: dict[str, Callable[[GateContext], dict[str, torch.Tensor]]] = {
-    "hidden": init_hidden,
-    "random": init_random,
-    "uniform": init_uniform,
-}
-
-
-def get_gate_init(name: str) -> Callable[[GateContext], dict[str, torch.Tensor]]:
+def get_gate_init(name: str) -> GateConstruction:
     """The initialiser registered as ``name``; unknown names list the choices."""
     try:
         return GATE_INITS[name]
     except KeyError:
-        raise ValueError(f"init={name!r} is not a gate initialiser; choose one of {sorted(GATE_INITS)}") from None
+        raise ValueError(f"init: {name!r} is not a gate construction; choose one of {sorted(GATE_INITS)}") from None
 
 
 # --- capturing site inputs -----------------------------------------------------------------
-def _reduce(h: torch.Tensor, how: str) -> torch.Tensor:
-    # h: (B, T, C) -> (B, C)
-    h = h.reshape(h.shape[0], -1, h.shape[-1])
-    return h.mean(dim=1) if how == "mean" else h[:, -1]
-
-
-@contextmanager
-def _capture_inputs(unet, sites: Sequence[Site], how: str, keep: str) -> Iterator[dict]:
-    """Hook every site; store its reduced input per call: the last one or the running sum."""
-    store: dict[str, list] = {}
-
-    def make_hook(path):
-        def hook(module, args, output):
-            r = _reduce(args[0].detach(), how).float()  # (B, C)
-            if keep == "last" or path not in store:
-                store[path] = [r, 1]
-            else:
-                store[path][0] = store[path][0] + r
-                store[path][1] += 1
-        return hook
-
-    handles = [get_module(unet, s.path).register_forward_hook(make_hook(s.path)) for s in sites]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def capture_hidden(pipe, sites: Sequence[Site], positive: str, negative: str, options: GateOptions, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Generate once from ``positive``/``negative`` and return one vector per site.
-
-    ``options.method == "exact"`` reproduces segmoe 0.0.4: a ``steps``-step generation whose
-    last step's input is kept, the conditional half of the guidance batch, reduced over tokens.
-    ``"fast"`` runs ``probe_steps`` steps and averages over them. With ``negative="subtract"``
-    the unconditional (negative-prompt) half is subtracted from the conditional one.
-    The UNet is run only by this one generation; the VAE decode is skipped.
-    """
-    exact = options.method == "exact"
-    steps = options.steps if exact else options.probe_steps
-    kwargs = {"num_inference_steps": steps, "output_type": "latent", "negative_prompt": negative}
-    if options.guidance_scale is not None:
-        kwargs["guidance_scale"] = options.guidance_scale
-    if options.height:
-        kwargs["height"] = options.height
-    if options.width:
-        kwargs["width"] = options.width
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with _capture_inputs(pipe.unet, sites, options.reduce, "last" if exact else "sum") as store:
-        pipe(positive, generator=generator, **kwargs)
-    rows = {}
-    for s in sites:
-        if s.path not in store:
-            raise RuntimeError(f"site {s.path} was never called during the gate-initialisation generation")
-        total, count = store[s.path]
-        r = total / count  # (B, C): B == 2 under guidance (negative half first), else 1
-        if options.negative == "subtract" and r.shape[0] > 1:
-            rows[s.path] = r[-1] - r[0]
-        else:
-            rows[s.path] = r[-1]
-    return rows
 
 
 # --- inspecting gates ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
 from segmoe_lab.merge.discovery import block_name, get_module, set_module
-from segmoe_lab.merge.moe import MoELayer, iter_moe_layers
+from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, moe_layer
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _ST_DTYPES = {
@@ -205,9 +205,7 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
         unet = UNet2DConditionModel.from_config(ucfg)
         for path, n in sites.items():
             base = get_module(unet, path)
-            experts = [copy.deepcopy(base) for _ in range(n)]
-            top_k = min(cfg.num_experts_per_tok, n)
-            set_module(unet, path, MoELayer(experts, None, top_k=top_k, routing=cfg.routing))
+            set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
     state = load_file(str(weights))
     missing = sorted(set(unet.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(unet.state_dict()))

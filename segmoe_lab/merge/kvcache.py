@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from segmoe_lab.merge.discovery import CROSS_KV_KINDS
+
 
 def _version(t: torch.Tensor) -> Optional[int]:
     try:
@@ -66,8 +68,9 @@ def cross_kv_projections(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(path, module)`` of every cross-attention ``to_k`` / ``to_v`` of ``unet``."""
     found = []
     for name, module in unet.named_modules():
-        if name.split(".")[-1] == "attn2" and getattr(module, "is_cross_attention", True):
-            for proj in ("to_k", "to_v"):
+        for kind in CROSS_KV_KINDS:
+            attn, proj = kind.split(".")
+            if name.split(".")[-1] == attn and getattr(module, "is_cross_attention", True):
                 sub = getattr(module, proj, None)
                 if sub is not None:
                     found.append((f"{name}.{proj}", sub))

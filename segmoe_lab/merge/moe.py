@@ -1,16 +1,12 @@
-"""The sparse Mixture-of-Experts layer and its routing policies.
+"""The sparse Mixture-of-Experts layer, and the one factory that makes it from a site and a config.
 
 :class:`MoELayer` wraps the experts of one site (see :mod:`segmoe_lab.merge.discovery`) and a gate
 ``Linear(hidden, n_experts, bias=False)``; its state-dict names are segmoe's
-(``gate.weight``, ``experts.<i>.<param>``), so merges load in both packages.
-
-Routing policies (:data:`ROUTINGS`), selectable per merge:
-
-* ``segmoe``: segmoe 0.0.4's rule. Top-k experts are chosen once from the gate logits summed
-  over every token of the whole batch (both halves of classifier-free guidance included); each
-  token then mixes the chosen k with a softmax over their logits.
-* ``per_sample``: each batch item chooses its own top-k from its logits summed over its tokens.
-* ``per_token``: Mixtral-style top-k per token.
+(``gate.weight``, ``experts.<i>.<param>``), so merges load in both packages. Which experts run is
+its routing policy's choice (:mod:`segmoe_lab.merge.routing`); each token then mixes the chosen k
+with a softmax over their logits. The layer runs a policy by its :class:`~segmoe_lab.merge.routing.Scope`
+alone, never by its name. Build, load, estimate and the benchmarks all make layers with
+:func:`moe_layer`.
 
 Every expert's parameters are views into per-name ``(E, ...)`` stacks (:attr:`MoELayer.stacks`). On
 accelerators and under ``torch.compile`` the chosen experts of a Linear site run as one matmul over
@@ -27,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmoe_lab.merge.routing import ROUTINGS, RoutingPolicy, Scope, get_routing  # noqa: F401  (re-exported)
+
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
     # (B, T, C) as every transformer-block site sees it; other ranks are folded into tokens.
@@ -37,51 +35,22 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _choose_segmoe(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    B, T, E = logits.shape
-    idx = torch.topk(logits.sum(dim=(0, 1)), top_k).indices  # (k,)
-    return idx.view(1, 1, top_k).expand(B, T, top_k)
-
-
-def _choose_per_sample(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    B, T, E = logits.shape
-    idx = torch.topk(logits.sum(dim=1), top_k, dim=-1).indices  # (B, k)
-    return idx.unsqueeze(1).expand(B, T, top_k)
-
-
-def _choose_per_token(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    return torch.topk(logits, top_k, dim=-1).indices  # (B, T, k)
-
-
-ROUTINGS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "segmoe": _choose_segmoe,
-    "per_sample": _choose_per_sample,
-    "per_token": _choose_per_token,
-}
-
-
-def get_routing(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """The expert chooser registered as ``name``; unknown names list the choices."""
-    try:
-        return ROUTINGS[name]
-    except KeyError:
-        raise ValueError(f"routing={name!r} is not a routing policy; choose one of {sorted(ROUTINGS)}") from None
-
-
-def route(logits: torch.Tensor, top_k: int, routing: str = "segmoe") -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, top_k: int, routing: str | RoutingPolicy = "segmoe") -> tuple[torch.Tensor, torch.Tensor]:
     """Choose experts and their mixing weights from gate logits.
 
     Args:
         logits (`torch.Tensor`): ``(B, T, E)`` gate outputs.
         top_k (`int`): experts per token.
-        routing (`str`, *optional*, defaults to ``"segmoe"``): a key of :data:`ROUTINGS`.
+        routing (`str` or `RoutingPolicy`, *optional*, defaults to ``"segmoe"``): a policy or a key of
+            :data:`~segmoe_lab.merge.routing.ROUTINGS`.
 
     Returns:
         ``(weights, idx)``, both ``(B, T, k)``: softmax over the chosen experts' logits (float32)
         and their indices. For ``segmoe`` / ``per_sample`` ``idx`` is a broadcast view of a
         ``(k,)`` / ``(B, k)`` choice.
     """
-    idx = get_routing(routing)(logits, top_k)
+    policy = get_routing(routing) if isinstance(routing, str) else routing
+    idx = policy.choose(logits, top_k)
     weights = F.softmax(torch.gather(logits, -1, idx).float(), dim=-1)
     return weights, idx
 
@@ -172,7 +141,7 @@ class MoELayer(nn.Module):
         gate (`nn.Linear`, *optional*): ``Linear(hidden, n_experts, bias=False)``; a zero gate
             (uniform routing) when omitted.
         top_k (`int`, *optional*, defaults to 1): experts mixed per token.
-        routing (`str`, *optional*, defaults to ``"segmoe"``): a key of :data:`ROUTINGS`.
+        routing (`str`, *optional*, defaults to ``"segmoe"``): a key of :data:`~segmoe_lab.merge.routing.ROUTINGS`.
 
     Linear experts are held as views into one ``(E, out, in)`` stack, so the chosen k run as a
     single matmul (on CPU in eager mode: one by one on views of their rows); other experts
@@ -186,7 +155,7 @@ class MoELayer(nn.Module):
             raise ValueError("a MoE layer needs at least one expert")
         if not 1 <= top_k <= len(experts):
             raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({len(experts)})")
-        get_routing(routing)
+        self.policy = get_routing(routing)
         self.experts = nn.ModuleList(experts)
         first = experts[0]
         self.hidden_size = first.in_features if isinstance(first, nn.Linear) else next(first.parameters()).shape[-1]
@@ -199,7 +168,6 @@ class MoELayer(nn.Module):
             raise ValueError(f"gate weight is {tuple(gate.weight.shape)}, expected ({len(experts)}, {self.hidden_size})")
         self.gate = gate
         self.top_k = top_k
-        self.routing = routing
         self._linear = all(isinstance(e, nn.Linear) for e in experts)
         self._geglu = not self._linear and all(_is_geglu_ff(e) for e in experts)
         self._offload = None  # an offload.SiteOffload while expert offload is on (segmoe_lab.merge.offload)
@@ -208,6 +176,15 @@ class MoELayer(nn.Module):
     @property
     def num_experts(self) -> int:
         return len(self.experts)
+
+    @property
+    def routing(self) -> str:
+        """The name of the layer's routing policy (set it to switch policy)."""
+        return self.policy.name
+
+    @routing.setter
+    def routing(self, name: str) -> None:
+        self.policy = get_routing(name)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.routing!r}"
@@ -251,7 +228,7 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         x = _as_3d(hidden_states)  # (B, T, C)
         logits = self.gate(x)  # (B, T, E)
-        weights, idx = route(logits, self.top_k, self.routing)
+        weights, idx = route(logits, self.top_k, self.policy)
         weights = weights.to(x.dtype)
         if self._offload is not None:  # expert offload: device copies of the chosen experts only
             out = self._offload.run(self, x, weights, idx, args, kwargs)
@@ -270,7 +247,7 @@ class MoELayer(nn.Module):
         if self._linear:
             w, b = (self._w, self._b) if stacks is None else (stacks["weight"], stacks.get("bias"))
             return self._forward_linear(x, weights, idx, w, b)
-        if self._geglu and self.routing == "segmoe":
+        if self._geglu and self.policy.scope is Scope.BATCH:
             return _forward_geglu(x, weights, idx[0, 0], self.stacks if stacks is None else stacks)
         if stacks is None:
             return self._forward_modules(x, weights, idx, lambda e, h: self.experts[e](h, *args, **kwargs), self.num_experts)
@@ -292,17 +269,18 @@ class MoELayer(nn.Module):
                 return F.linear(h, w_all[e], None if b_all is None else b_all[e])
 
             return self._forward_modules(x, weights, idx, call, E)
-        if self.routing == "segmoe":
+        scope = self.policy.scope
+        if scope is Scope.BATCH:
             chosen = idx[0, 0]  # (k,)
             w = w_all.index_select(0, chosen).reshape(k * out_dim, C)
             y = F.linear(x, w).view(B, T, k, out_dim)
             b = None if b_all is None else b_all.index_select(0, chosen)  # (k, out)
-        elif self.routing == "per_sample":
+        elif scope is Scope.SAMPLE:
             chosen = idx[:, 0]  # (B, k)
             w = w_all[chosen].reshape(B, k * out_dim, C)
             y = torch.bmm(x, w.transpose(1, 2)).view(B, T, k, out_dim)
             b = None if b_all is None else b_all[chosen]  # (B, k, out)
-        else:  # per_token: every expert on every token, then keep each token's chosen k
+        else:  # Scope.TOKEN: every expert on every token, then keep each token's chosen k
             y_all = F.linear(x, w_all.reshape(E * out_dim, C)).view(B, T, E, out_dim)
             y = torch.gather(y_all, 2, idx.unsqueeze(-1).expand(B, T, k, out_dim))
             b = None if b_all is None else b_all[idx]  # (B, T, k, out)
@@ -320,7 +298,7 @@ class MoELayer(nn.Module):
                          call: Callable[[int, torch.Tensor], torch.Tensor], n: int) -> torch.Tensor:
         # call(e, h): expert e (a row of idx's index space, of size n) on tokens h
         B, T, C = x.shape
-        if self.routing == "segmoe":
+        if self.policy.scope is Scope.BATCH:
             if idx.shape[-1] == 1:  # top-1: the softmax weight is exactly 1, so skip the multiply
                 return call(int(idx[0, 0, 0]), x)
             out = None
@@ -328,11 +306,11 @@ class MoELayer(nn.Module):
                 y = weights[..., j : j + 1] * call(e, x)
                 out = y if out is None else out + y
             return out
-        # per_sample / per_token: dense (B, T, E) mixing weights, each expert runs on its rows only
+        # SAMPLE / TOKEN scope: dense (B, T, E) mixing weights, each expert runs on its rows only
         dense = torch.zeros(B, T, n, dtype=x.dtype, device=x.device).scatter_(-1, idx, weights)
         member = torch.zeros(B, T, n, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
         out = None
-        if self.routing == "per_sample":
+        if self.policy.scope is Scope.SAMPLE:
             used = member[:, 0, :]  # (B, E)
             for e in torch.nonzero(used.any(0)).flatten().tolist():
                 rows = used[:, e]
@@ -360,12 +338,25 @@ def iter_moe_layers(module: nn.Module) -> Iterator[tuple[str, MoELayer]]:
 
 def set_routing(module: nn.Module, routing: str | None = None, top_k: int | None = None) -> None:
     """Change the routing policy and/or ``top_k`` of every MoE layer in ``module`` in place."""
-    if routing is not None:
-        get_routing(routing)
+    policy = None if routing is None else get_routing(routing)
     for _, layer in iter_moe_layers(module):
-        if routing is not None:
-            layer.routing = routing
+        if policy is not None:
+            layer.policy = policy
         if top_k is not None:
             if not 1 <= top_k <= layer.num_experts:
                 raise ValueError(f"top_k={top_k} must be between 1 and {layer.num_experts}")
             layer.top_k = top_k
+
+
+def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None) -> MoELayer:
+    """The MoE layer of one site for a merge config: its experts, ``cfg``'s ``num_experts_per_tok``
+    and ``routing``, and ``gate`` (a zero gate when omitted, to be loaded or initialised later).
+
+    The one place a config becomes a layer: build, load, estimate and the benchmarks call it.
+
+    Example::
+
+        layer = moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
+    """
+    # a saved merge may hold fewer experts at a site than the config's top-k (segmoe clips too)
+    return MoELayer(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)

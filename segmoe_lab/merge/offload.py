@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from segmoe_lab.merge.moe import MoELayer, iter_moe_layers
+from segmoe_lab.merge.routing import Scope
 
 
 def _nbytes(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:
@@ -173,10 +174,10 @@ class SiteOffload:
 
     def run(self, layer: MoELayer, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, args, kwargs) -> torch.Tensor:
         """The layer's mixture, with the routed experts served from device slots."""
-        segmoe = layer.routing == "segmoe"
+        segmoe = layer.policy.scope is Scope.BATCH
         if segmoe:
-            routed = idx[:1, :1]  # (1, 1, k): segmoe's choice is one for the whole batch
-        elif layer.routing == "per_sample":
+            routed = idx[:1, :1]  # (1, 1, k): one choice for the whole batch
+        elif layer.policy.scope is Scope.SAMPLE:
             routed = idx[:, :1]  # (B, 1, k)
         else:
             routed = idx

@@ -36,8 +36,8 @@ def is_interactive() -> bool:
     if forced in ("0", "1"):
         return forced == "0"
     try:
-        from IPython import get_ipython
         from ipykernel.zmqshell import ZMQInteractiveShell
+        from IPython import get_ipython
     except ImportError:
         return False
     shell = get_ipython()

@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import torch
 
 from segmoe_lab.merge.discovery import Site, block_name, site_from_path
-from segmoe_lab.merge.moe import MoELayer, get_routing
+from segmoe_lab.merge.moe import MoELayer
+from segmoe_lab.merge.routing import get_routing
 
 
 def _site_of(path: str, layer: MoELayer) -> Site:
@@ -49,7 +50,7 @@ def call_stats(logits: Sequence[torch.Tensor], top_k: int, routing: str, tokens:
     Args:
         logits (list of `torch.Tensor`): each site's gate logits ``(B, T_i, E)`` (same ``B`` and ``E``).
         top_k (`int`), routing (`str`): the sites' routing; the choice comes from the routing
-            registry (:func:`segmoe_lab.merge.moe.get_routing`, the rule :func:`~segmoe_lab.merge.moe.route` applies).
+            registry (:func:`segmoe_lab.merge.routing.get_routing`, the rule :func:`~segmoe_lab.merge.moe.route` applies).
         tokens (`bool`, *optional*, defaults to `False`): also return per-token data.
 
     Returns:
@@ -62,7 +63,7 @@ def call_stats(logits: Sequence[torch.Tensor], top_k: int, routing: str, tokens:
     B, _, E = logits[0].shape
     n = len(logits)
     seg, counts = _segments([t.shape[1] for t in logits], logits[0].device)
-    chosen = torch.cat([get_routing(routing)(t, top_k) for t in logits], 1)  # (B, sum T, k): the layers' own choice
+    chosen = torch.cat([get_routing(routing).choose(t, top_k) for t in logits], 1)  # (B, sum T, k): the layers' own choice
     L = torch.cat(logits, 1).float()  # (B, sum T, E)
     probs = L.transpose(1, 2).contiguous().softmax(1)  # (B, E, sum T): CPUs reduce a short last dim slowly
     prob_mean = torch.zeros(B, E, n, device=L.device).index_add_(2, seg, probs) / counts  # (B, E, n)

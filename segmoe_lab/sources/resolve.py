@@ -1,6 +1,7 @@
-"""Where model weights come from: a ``source_model`` string -> local files -> pipelines / UNet tensors.
+"""Where model weights come from: a ``source_model`` string -> local files (:func:`resolve_source`).
 
-A source is one of (tried in this order):
+A source is one of the kinds in :data:`SOURCE_KINDS` (tried in this order; a new kind is one
+function registered with :func:`source_kind`):
 
 - a download link (``https://civitai.com/api/download/models/<id>``, or any http(s) URL):
   streamed once into ``$SEGMOE_LAB_CACHE/civitai`` (default ``~/.cache/segmoe_lab``), resumable;
@@ -15,15 +16,16 @@ Every failure is a :class:`SourceError` saying what was tried and how to fix it.
 Example::
 
     res = resolve_source("runwayml/stable-diffusion-v1-5")
-    pipe = load_pipeline(res, "sd")
-    shapes = unet_tensor_shapes(res, "sd", dict(pipe.unet.config))
+    pipe = load_pipeline(res, "sd")          # segmoe_lab.sources.weights
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from segmoe_lab.sources.errors import SourceError, default_cache_dir
@@ -34,6 +36,75 @@ from segmoe_lab.sources.resolved import ResolvedSource
 CIVITAI_BASE = "https://civitai.com"
 CIVITAI_TOKEN_ENV = "CIVITAI_API_TOKEN"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/.+\.safetensors)?")
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """A ``source_model`` string and the options it is resolved with (see :func:`resolve_source`)."""
+
+    source: str
+    cache_dir: Optional[str] = None
+    allow_ckpt: bool = False
+    unet_only: bool = False
+    timeout: float = 10.0
+    civitai_base: str = CIVITAI_BASE
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A registered kind of model source: when a string is one, and how it becomes local files."""
+
+    name: str
+    matches: Callable[[SourceRequest], bool]
+    resolve: Callable[[SourceRequest], ResolvedSource]
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.resolve) or ""
+
+
+# Tried in order: a link is never a path, and an existing path wins over a hub id of the same spelling.
+SOURCE_KINDS: dict[str, SourceKind] = {}
+
+
+def source_kind(name: str, matches: Callable[[SourceRequest], bool]) -> Callable:
+    """Register ``resolve`` as the source kind ``name``, tried after those registered before it."""
+
+    def register(resolve: Callable[[SourceRequest], ResolvedSource]) -> Callable:
+        SOURCE_KINDS[name] = SourceKind(name, matches, resolve)
+        return resolve
+
+    return register
+
+
+@source_kind("url", lambda r: re.match(r"https?://", r.source) is not None)
+def resolve_url(r: SourceRequest) -> ResolvedSource:
+    """A download link (CivitAI's ``/api/download/models/<id>`` or any http(s) URL): streamed once into
+    ``$SEGMOE_LAB_CACHE/civitai``, resumably; CivitAI links get ``$CIVITAI_API_TOKEN``."""
+    from segmoe_lab.sources.downloads import download_url
+
+    civitai = r.source.startswith(r.civitai_base.rstrip("/") + "/") or urlsplit(r.source).hostname == "civitai.com"
+    root = Path(r.cache_dir).expanduser() if r.cache_dir else default_cache_dir() / "civitai"
+    path = download_url(r.source, root, token=os.environ.get(CIVITAI_TOKEN_ENV) if civitai else None,
+                        allow_pickle=r.allow_ckpt, timeout=r.timeout, progress=r.progress,
+                        token_env=CIVITAI_TOKEN_ENV if civitai else None)
+    return ResolvedSource(path, "single_file", "civitai" if civitai else "url", r.source, r.allow_ckpt)
+
+
+@source_kind("local", lambda r: Path(r.source).expanduser().exists())
+def resolve_local(r: SourceRequest) -> ResolvedSource:
+    """A local diffusers folder (``model_index.json`` or ``unet/``) or single weights file
+    (``.safetensors``; pickled ``.ckpt``/``.pt`` only with ``allow_ckpt``)."""
+    return _resolve_local(Path(r.source).expanduser(), r.source, r.allow_ckpt, r.unet_only)
+
+
+@source_kind("hub", lambda r: _HUB_ID.fullmatch(r.source) is not None)
+def resolve_hub(r: SourceRequest) -> ResolvedSource:
+    """A Hugging Face repo id (``org/name``, or ``org/name/file.safetensors``): the local cache when it
+    has it, else only the files a pipeline needs; offline or unreachable fails at once."""
+    return _resolve_hub(r.source, r.cache_dir, r.allow_ckpt, r.timeout, r.unet_only)
+
 
 def resolve_source(source: str, *, cache_dir=None, allow_ckpt: bool = False, model_type: Optional[str] = None,
                    unet_only: bool = False, timeout: float = 10.0, civitai_base: str = CIVITAI_BASE,
@@ -57,21 +128,12 @@ def resolve_source(source: str, *, cache_dir=None, allow_ckpt: bool = False, mod
     Returns:
         A :class:`ResolvedSource`.
     """
-    source = source.strip()
-    if re.match(r"https?://", source):
-        from segmoe_lab.sources.downloads import download_url
-
-        civitai = source.startswith(civitai_base.rstrip("/") + "/") or urlsplit(source).hostname == "civitai.com"
-        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "civitai"
-        path = download_url(source, root, token=os.environ.get(CIVITAI_TOKEN_ENV) if civitai else None,
-                            allow_pickle=allow_ckpt, timeout=timeout, progress=progress,
-                            token_env=CIVITAI_TOKEN_ENV if civitai else None)
-        return ResolvedSource(path, "single_file", "civitai" if civitai else "url", source, allow_ckpt)
+    request = SourceRequest(source.strip(), cache_dir, allow_ckpt, unet_only, timeout, civitai_base, progress)
+    for kind in SOURCE_KINDS.values():
+        if kind.matches(request):
+            return kind.resolve(request)
+    source = request.source
     local = Path(source).expanduser()
-    if local.exists():
-        return _resolve_local(local, source, allow_ckpt, unet_only)
-    if _HUB_ID.fullmatch(source):
-        return _resolve_hub(source, cache_dir, allow_ckpt, timeout, unet_only)
     raise SourceError(
         f"source_model {source!r} is neither an existing path ({local.resolve()} does not exist), a Hugging Face "
         "repo id (org/name) nor an http(s) download link. Fix the spelling, or give the full path of a diffusers "

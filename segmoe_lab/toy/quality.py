@@ -113,12 +113,11 @@ def _row(model: str, domain: str, results: list[dict], descs: list[dict]) -> dic
 
 
 def evaluate(n: int = 200, steps: int = 15, guidance: float = GUIDANCE, sdxl_n: Optional[int] = None,
-             progress: bool = True) -> dict:
-    """Generate and score; returns the tables and tests (see the module docstring)."""
-    from . import load_pipeline
-
+             progress: bool = True, weights: Optional[Path] = None) -> dict:
+    """Generate and score; returns the tables and tests (see the module docstring). ``weights``: a
+    weights folder other than the shipped one (as ``toy train --out`` writes)."""
     torch.set_num_threads(1)
-    clip = ClipScorer()
+    clip = ClipScorer(paths(weights)["clip"])
     prompts = {d: eval_prompts(d, n) for d in world.DOMAINS}
     runs = [(m, d) for m in ("base", "control", *world.DOMAINS) for d in world.DOMAINS] + [("mosaic_lora", "mosaic")]
     sdxl_n = n // 4 if sdxl_n is None else sdxl_n
@@ -129,7 +128,7 @@ def evaluate(n: int = 200, steps: int = 15, guidance: float = GUIDANCE, sdxl_n: 
     for model, domain in runs:
         if model not in cache:
             cache.clear()
-            cache[model] = _load(model, load_pipeline)
+            cache[model] = _load(model, weights)
         descs = prompts[domain][: sdxl_n if model.startswith("sdxl") else n]
         caps = [world.caption(d) for d in descs]
         images = generate(cache[model], caps, range(len(caps)), steps, guidance)
@@ -155,13 +154,15 @@ def evaluate(n: int = 200, steps: int = 15, guidance: float = GUIDANCE, sdxl_n: 
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _load(model: str, load_pipeline):
+def _load(model: str, weights: Optional[Path] = None):
+    from . import load_pipeline
+
     if model == "mosaic_lora":
-        pipe = load_pipeline("base")
-        pipe.load_lora_weights(str(paths()["mosaic_lora"]))
+        pipe = load_pipeline("base", weights=weights)
+        pipe.load_lora_weights(str(paths(weights)["mosaic_lora"]))
         pipe.fuse_lora()
         return pipe
-    return load_pipeline(model)
+    return load_pipeline(model, weights=weights)
 
 
 def _spearman(truth: dict, clip_scores: dict) -> dict:
@@ -194,7 +195,7 @@ def summary(result: dict) -> str:
 
 
 def sample_grid(path, models_: Sequence[str] = ("base", "control", *world.DOMAINS), per_domain: int = 4,
-                steps: int = 20, guidance: float = GUIDANCE, scale: int = 3):
+                steps: int = 20, guidance: float = GUIDANCE, scale: int = 3, weights: Optional[Path] = None):
     """A picture of the world: one row per model, ``per_domain`` prompts of each domain (half
     with the domain's own concept) as columns; the first row renders the prompts' scenes."""
     from PIL import Image, ImageDraw
@@ -208,7 +209,7 @@ def sample_grid(path, models_: Sequence[str] = ("base", "control", *world.DOMAIN
     caps = [world.caption(d) for d in descs]
     rows = {"render": [world.render(world.Scene(objects=world.place_objects(rng, d["count"]), **d)) for d in descs]}
     for m in models_:
-        rows[m] = generate(load_pipeline(m), caps, range(len(caps)), steps, guidance)
+        rows[m] = generate(load_pipeline(m, weights=weights), caps, range(len(caps)), steps, guidance)
     cell, label = world.SIZE * scale, 70
     out = Image.new("RGB", (label + cell * len(descs), cell * len(rows)), (255, 255, 255))
     draw = ImageDraw.Draw(out)
@@ -223,11 +224,7 @@ def sample_grid(path, models_: Sequence[str] = ("base", "control", *world.DOMAIN
 
 def main(n: int = 200, steps: int = 15, out: Optional[Path] = None, weights: Optional[Path] = None,
          guidance: float = GUIDANCE) -> dict:
-    if weights is not None:  # every path lookup goes through toy.paths(), which reads toy.WEIGHTS
-        import segmoe_lab.toy as toy
-
-        toy.WEIGHTS = Path(weights)
-    result = evaluate(n=n, steps=steps, guidance=guidance)
+    result = evaluate(n=n, steps=steps, guidance=guidance, weights=weights)
     text = summary(result)
     print(text)
     if out is not None:
