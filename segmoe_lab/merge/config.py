@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MoELayers = Literal["ff", "attn", "all"]
 ModelType = Literal["sd", "sdxl"]
@@ -100,22 +107,14 @@ class MergeConfig(_Strict):
     include_mid: bool = False
     seed: int = 0
 
-    @field_validator("routing")
+    @field_validator("routing", "init")
     @classmethod
-    def _known_routing(cls, name: str) -> str:
+    def _registered(cls, name: str, info) -> str:
+        # imported here: the gate registry loads torch, which validating a config needs, importing it doesn't
+        from segmoe_lab.merge.gating import GATE_INITS
         from segmoe_lab.merge.routing import ROUTINGS
 
-        if name not in ROUTINGS:
-            raise ValueError(f"routing: {name!r} is not a routing policy; choose one of {sorted(ROUTINGS)}")
-        return name
-
-    @field_validator("init")
-    @classmethod
-    def _known_init(cls, name: str) -> str:
-        from segmoe_lab.merge.gating import GATE_INITS  # imports torch: only when a config is validated
-
-        if name not in GATE_INITS:
-            raise ValueError(f"init: {name!r} is not a gate construction; choose one of {sorted(GATE_INITS)}")
+        {"routing": ROUTINGS, "init": GATE_INITS}[info.field_name].lookup(name)
         return name
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from segmoe_lab.merge.discovery import Site
 from segmoe_lab.merge.moe import iter_moe_layers
+from segmoe_lab.registry import Registry
 
 # mergekit-moe warns when a gate matrix's condition number exceeds this: its rows are then
 # nearly linearly dependent and the gate cannot tell the experts apart.
@@ -81,16 +82,14 @@ class GateConstruction:
         return inspect.getdoc(self.build) or ""
 
 
-GATE_INITS: dict[str, GateConstruction] = {}
+GATE_INITS: Registry[GateConstruction] = Registry("init", "a gate construction")
 
 
 def gate_init(name: str, needs_capture: bool = False) -> Callable[[GateInit], GateInit]:
     """Register a gate construction as the config's ``init: <name>`` (a decorator)."""
 
     def register(fn: GateInit) -> GateInit:
-        if name in GATE_INITS:
-            raise ValueError(f"gate construction {name!r} is registered twice")
-        GATE_INITS[name] = GateConstruction(name, fn, needs_capture)
+        GATE_INITS.add(name, GateConstruction(name, fn, needs_capture))
         return fn
 
     return register
@@ -120,11 +119,8 @@ def init_uniform(ctx: GateContext) -> dict[str, torch.Tensor]:
 
 
 def get_gate_init(name: str) -> GateConstruction:
-    """The initialiser registered as ``name``; unknown names list the choices."""
-    try:
-        return GATE_INITS[name]
-    except KeyError:
-        raise ValueError(f"init: {name!r} is not a gate construction; choose one of {sorted(GATE_INITS)}") from None
+    """The construction registered as ``name``; unknown names list the choices."""
+    return GATE_INITS.lookup(name)
 
 
 # --- capturing site inputs -----------------------------------------------------------------

@@ -22,6 +22,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
+from segmoe_lab.registry import Registry
+
 # This module imports no torch (it only calls tensor methods), so the config can read the
 # registry's names on a machine that only validates configs.
 
@@ -55,16 +57,14 @@ class RoutingPolicy:
         return inspect.getdoc(self.choose) or ""
 
 
-ROUTINGS: dict[str, RoutingPolicy] = {}
+ROUTINGS: Registry[RoutingPolicy] = Registry("routing", "a routing policy")
 
 
 def routing_policy(name: str, scope: Scope) -> Callable:
     """Register ``choose`` as the routing policy ``name`` (a decorator)."""
 
     def register(choose: Callable) -> Callable:
-        if name in ROUTINGS:
-            raise ValueError(f"routing policy {name!r} is registered twice")
-        ROUTINGS[name] = RoutingPolicy(name, choose, scope)
+        ROUTINGS.add(name, RoutingPolicy(name, choose, scope))
         return choose
 
     return register
@@ -72,10 +72,7 @@ def routing_policy(name: str, scope: Scope) -> Callable:
 
 def get_routing(name: str) -> RoutingPolicy:
     """The policy registered as ``name``; an unknown name lists the choices."""
-    try:
-        return ROUTINGS[name]
-    except KeyError:
-        raise ValueError(f"routing: {name!r} is not a routing policy; choose one of {sorted(ROUTINGS)}") from None
+    return ROUTINGS.lookup(name)
 
 
 @routing_policy("segmoe", Scope.BATCH)

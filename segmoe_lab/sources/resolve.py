@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
+from segmoe_lab.registry import Registry
 from segmoe_lab.sources.errors import SourceError, default_cache_dir
 from segmoe_lab.sources.hub import _resolve_hub
 from segmoe_lab.sources.local import _resolve_local
@@ -65,14 +66,14 @@ class SourceKind:
 
 
 # Tried in order: a link is never a path, and an existing path wins over a hub id of the same spelling.
-SOURCE_KINDS: dict[str, SourceKind] = {}
+SOURCE_KINDS: Registry[SourceKind] = Registry("source_model", "a kind of model source")
 
 
 def source_kind(name: str, matches: Callable[[SourceRequest], bool]) -> Callable:
     """Register ``resolve`` as the source kind ``name``, tried after those registered before it."""
 
     def register(resolve: Callable[[SourceRequest], ResolvedSource]) -> Callable:
-        SOURCE_KINDS[name] = SourceKind(name, matches, resolve)
+        SOURCE_KINDS.add(name, SourceKind(name, matches, resolve))
         return resolve
 
     return register
