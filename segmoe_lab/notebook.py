@@ -30,7 +30,7 @@ GiB = 2**30
 HEADROOM = 1.5 * GiB  # activations, CUDA context and allocator slack on top of the weights (rough)
 
 
-class NotebookError(ValueError):
+class NotebookError(SettingsError):
     """A notebook parameter that cannot be used; the message names it and the valid choices."""
 
 

@@ -48,7 +48,7 @@ PACKAGES = ("segmoe-lab", "torch", "diffusers", "transformers", "accelerate", "s
             "numpy", "pandas", "papermill", "ipykernel")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(ConfigError):
     """An experiment file that cannot be run; the message names the field and how to fix it."""
 
 

@@ -30,12 +30,15 @@ from segmoe_lab.merge.discovery import Site, find_sites, get_module, set_module,
 from segmoe_lab.merge.gating import GateContext, capture_hidden, gate_report, get_gate_init, warn_degenerate
 from segmoe_lab.merge.moe import MoELayer
 from segmoe_lab import sources
+from segmoe_lab.errors import SegMoELabError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class MergeError(ValueError):
+class MergeError(SegMoELabError, ValueError):
     """A merge that cannot be built (mismatched architectures, a LoRA that does not fit, ...)."""
+
+    kind = "merge error"
 
 
 @dataclass

@@ -68,6 +68,9 @@ def resolve_source(source: str, *, cache_dir=None, allow_ckpt: bool = False, mod
                             token_env=CIVITAI_TOKEN_ENV if civitai else None)
         return ResolvedSource(path, "single_file", "civitai" if civitai else "url", source, allow_ckpt)
     local = Path(source).expanduser()
+    if not local.exists() and os.path.lexists(local):  # exists() is False for a dangling link or a loop
+        raise SourceError(f"source_model {source!r} is a symbolic link that leads nowhere (dangling, or a loop); "
+                          f"fix or remove the link {local}.")
     if local.exists():
         return _resolve_local(local, source, allow_ckpt, unet_only)
     if _HUB_ID.fullmatch(source):
