@@ -184,3 +184,24 @@ def validate(model, data: Any, source: str, error: type = SettingsError, what: s
     except ValidationError as err:
         header = f"{source}: {{n}} problem(s) in the {what}"
         raise error(format_problems(header, validation_problems(err, model))) from None
+
+
+DEBUG_HINT = "run with `--debug` for the traceback"
+
+
+def explain(err: BaseException) -> tuple[str, bool]:
+    """``(message, expected)`` for any exception, as an entry point shows it.
+
+    The kit's own errors and the operating system's (a missing file, a full disk, no
+    permission) are *expected*: their message is the whole story. Anything else is a bug or a
+    library's surprise: one line naming its type, and how to see the traceback.
+    """
+    if isinstance(err, SegMoELabError):
+        return str(err), True
+    if isinstance(err, OSError) and (err.filename or err.strerror):
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror or clip(err, 200)}", True
+    if isinstance(err, MemoryError):
+        return "out of memory; use fewer or smaller images, float16, or a machine with more memory", True
+    text = clip(" ".join(str(err).split()), 200)  # one line, however long the original
+    return f"unexpected {type(err).__name__}{': ' + text if text else ''} ({DEBUG_HINT})", False

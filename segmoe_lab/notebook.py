@@ -20,11 +20,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from segmoe_lab.merge.config import ConfigError, MergeConfig, SchedulerName, load_config, parse_config
+from segmoe_lab.errors import SettingsError, format_problems, validation_problems
+from segmoe_lab.merge.config import ConfigError, MergeConfig, load_config, parse_config
+from segmoe_lab.merge.settings import GenerationSettings, Steps
 
 GiB = 2**30
 HEADROOM = 1.5 * GiB  # activations, CUDA context and allocator slack on top of the weights (rough)
@@ -38,16 +40,7 @@ def _validate(model: type[BaseModel], values: dict, what: str):
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"])
-            if e["type"] == "literal_error":
-                lines.append(f"{where}={e['input']!r} is not a valid choice; choose one of {e['ctx']['expected']}")
-            elif e["type"] == "extra_forbidden":
-                lines.append(f"{where}: unknown; valid: {', '.join(model.model_fields)}")
-            else:
-                lines.append(f"{where}={e.get('input')!r}: {e['msg']}")
-        raise NotebookError(f"{what}: " + "; ".join(lines)) from None
+        raise NotebookError(format_problems(f"{what}: {{n}} problem(s)", validation_problems(err, model))) from None
 
 
 # --- the merge ----------------------------------------------------------------------------------
@@ -183,16 +176,12 @@ def parameter_count(module) -> int:
 
 # --- generating ---------------------------------------------------------------------------------
 
-class Generation(BaseModel):
-    """Sampling settings a notebook's parameters give (validated; see :func:`generate`)."""
+class Generation(GenerationSettings):
+    """Sampling settings a notebook's parameters give (validated as :class:`GenerationSettings`; see :func:`generate`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    UNUSED: ClassVar[dict[str, str]] = {"num_images": "generate() makes one image per prompt; list a prompt twice"}
 
-    steps: int = Field(8, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    negative_prompt: Optional[str] = None
-    seed: int = 0
-    scheduler: Optional[SchedulerName] = None  # None: the merge's own
+    steps: Steps = 8
 
     @classmethod
     def of(cls, **values) -> "Generation":
