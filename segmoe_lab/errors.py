@@ -205,3 +205,45 @@ def explain(err: BaseException) -> tuple[str, bool]:
         return "out of memory; use fewer or smaller images, float16, or a machine with more memory", True
     text = clip(" ".join(str(err).split()), 200)  # one line, however long the original
     return f"unexpected {type(err).__name__}{': ' + text if text else ''} ({DEBUG_HINT})", False
+
+
+def kit_errors(fn):
+    """Decorate a public helper so that any failure below it reaches the caller as a kit error.
+
+    A :class:`SegMoELabError` passes unchanged; any other exception becomes a
+    :class:`SettingsError` with :func:`explain`'s one-line message, chained to the original
+    (``err.__cause__``, and the traceback ``%debug`` shows).
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SegMoELabError:
+            raise
+        except Exception as err:  # noqa: BLE001 - converted, with the original kept as the cause
+            raise SettingsError(f"{fn.__name__}: {explain(err)[0]}") from err
+
+    return wrapper
+
+
+def quiet_errors(ipython=None) -> bool:
+    """In IPython/Jupyter, show the kit's own errors as their message only (no traceback).
+
+    Other exceptions keep IPython's full traceback. Returns whether a shell was found.
+    """
+    if ipython is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        ipython = get_ipython()
+    if ipython is None:
+        return False
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        print(f"{getattr(value, 'kind', 'error')}: {value}")
+
+    ipython.set_custom_exc((SegMoELabError,), show)
+    return True

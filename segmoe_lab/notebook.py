@@ -5,7 +5,8 @@ config objects with the functions here (:func:`merge_config`, :class:`Runtime`,
 :class:`Generation`), so a bad value fails at once with the kit's message. The rest are the
 few steps every notebook shares: open a merge where it fits (:func:`open_merge`), generate a
 seeded batch (:func:`generate`), show images (:func:`show_images`) and write the result table
-that ``segmoe-lab runs`` collects (:func:`write_results`).
+that ``segmoe-lab runs`` collects (:func:`write_results`). Each turns any failure below it into
+a kit error; :func:`quiet_errors` shows those as one message, without a traceback.
 
 Example::
 
@@ -24,7 +25,7 @@ from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from segmoe_lab.errors import SettingsError, format_problems, validation_problems
+from segmoe_lab.errors import SettingsError, format_problems, kit_errors, quiet_errors, validation_problems  # noqa: F401
 from segmoe_lab.merge.config import ConfigError, MergeConfig, load_config, parse_config
 from segmoe_lab.merge.settings import GenerationSettings, Steps
 
@@ -53,6 +54,7 @@ def is_built_merge(config) -> bool:
     return path.is_dir() or (not path.suffix and not path.exists() and "/" in str(config))
 
 
+@kit_errors
 def merge_config(config: Union[str, Path, MergeConfig] = "toy", **overrides: Any) -> MergeConfig:
     """The merge a notebook works on, validated with ``overrides`` applied (``None`` ones ignored).
 
@@ -144,6 +146,7 @@ def _offload_for(cfg: MergeConfig, dtype: str) -> tuple[str, str]:
     return "experts", f"even the merged UNet does not fit, so the experts stay in CPU memory and only the routed ones go to the GPU ({gib})"
 
 
+@kit_errors
 def open_merge(config: Union[str, Path, MergeConfig], place: Placement, progress: bool = True, **overrides: Any):
     """A :class:`~segmoe_lab.SegMoEPipeline` placed as ``place`` says: built from a config
     (``"toy"``, a YAML file or a :class:`MergeConfig`, with ``overrides``), or loaded from a merge
@@ -208,6 +211,7 @@ def use_scheduler(pipe, name: Optional[str]):
         target.scheduler = old
 
 
+@kit_errors
 def generate(pipe, prompts: Sequence[str], gen: Generation) -> list:
     """One image per prompt, prompt ``i`` seeded with ``gen.seed + i`` (so a prompt's image does not
     depend on the others); works for a merge and for a plain diffusers pipeline. Returns PIL images."""
@@ -252,9 +256,16 @@ def write_results(table, output_dir: Optional[Union[str, Path]], name: str = "re
     """Write a result table to ``output_dir/name`` (what ``segmoe-lab runs`` collects); no-op without a folder."""
     if not output_dir:
         return None
+    if len(table) == 0:  # a header-only file would look like a finished run that found nothing
+        raise NotebookError(f"write_results: the table for {name} has no rows; nothing was written")
     path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        table.to_csv(tmp, index=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -269,6 +280,7 @@ def work_dir(path: Optional[Union[str, Path]] = None) -> Path:
 
 # --- prompts and judging -------------------------------------------------------------------------
 
+@kit_errors
 def prompt_table(prompts: Sequence[str] = (), n: int = 4, prompt_set: str = "toy"):
     """The prompts to generate: ``prompts`` if given, else ``n`` prompts of a prompt set (default
     the toy world's, with ground-truth descriptions) taken in turn from each category."""
@@ -300,6 +312,7 @@ def judge(name: str = "toy_truth", **options):
     return score
 
 
+@kit_errors
 def judges(scorers: dict[str, dict]) -> dict:
     """``{label: judge}`` for a ``{label: options}`` mapping, as ``CompareConfig.scorers``
     (``{"toy_truth": {}, "clip": {"model": "toy"}}``; a label other than a scorer's name picks it
@@ -317,6 +330,7 @@ def score_table(images: Sequence, table, judges_: dict):
 
 # --- inspecting ----------------------------------------------------------------------------------
 
+@kit_errors
 def open_base(cfg: MergeConfig, place: Placement, progress: bool = False):
     """The merge's base model alone (a diffusers pipeline), with the merge's scheduler, placed as ``place``."""
     from segmoe_lab.merge.build import DTYPES, make_scheduler

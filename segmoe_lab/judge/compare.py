@@ -214,6 +214,8 @@ def run_comparison(config: Union[CompareConfig, dict, None] = None, **overrides)
     refs = model_refs(merge_cfg, folder, cfg.models)
     settings = _settings(cfg, merge_cfg, device, dtype)
     cache = ImageCache(cfg.cache_dir or default_cache_dir())
+    if state.is_main_process:
+        cache.clean()  # temporary files of crashed runs
     with state.split_between_processes(list(prompts.index)) as mine:
         mine = prompts.loc[list(mine)]
         generated = _generate(refs, mine, cfg, settings, cache, ModelLoader(merge_cfg, folder, device, _torch_dtype(dtype),

@@ -15,6 +15,7 @@ against its own config before it loads: expert count, site list, tensor names an
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shutil
 import struct
@@ -263,8 +264,10 @@ def _check_shapes(expected: dict[str, tuple], stored: dict[str, tuple], weights:
     if missing or unexpected or wrong:
         header = (f"{weights} does not match its unet/config.json: {len(missing)} tensor(s) missing, "
                   f"{len(unexpected)} unexpected, {len(wrong)} of the wrong shape; rebuild the merge")
-        problems = [*(f"missing {k}" for k in missing), *(f"unexpected {k}" for k in unexpected),
-                    *(f"{k}: shape {list(stored[k])}, expected {list(expected[k])}" for k in wrong)]
+        kinds = [[f"{k}: shape {list(stored[k])}, expected {list(expected[k])}" for k in wrong],
+                 [f"unexpected {k}" for k in unexpected], [f"missing {k}" for k in missing]]
+        # taken in turn from each kind, so a few lines show every kind of mismatch
+        problems = [p for group in itertools.zip_longest(*kinds) for p in group if p is not None]
         raise MergeFolderError(format_problems(header, problems))
 
 

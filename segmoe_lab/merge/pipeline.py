@@ -20,7 +20,8 @@ from segmoe_lab.merge.build import DTYPES, build_merge, make_scheduler
 from segmoe_lab.merge.config import MergeConfig, load_config, parse_config
 from segmoe_lab.merge.settings import check_pipeline_kwargs
 from segmoe_lab.merge.gating import gate_report
-from segmoe_lab.merge.io import load_merge, save_merge, segmoe_config_for
+from segmoe_lab.atomic import backup_path
+from segmoe_lab.merge.io import load_merge, read_merge_config, save_merge, segmoe_config_for
 from segmoe_lab.merge.moe import iter_moe_layers, set_routing
 
 
@@ -81,6 +82,8 @@ class SegMoEPipeline:
         if path.is_file():
             self._build(load_config(path), dtype, progress)
             return
+        if not path.exists() and backup_path(path).is_dir():
+            read_merge_config(path)  # names the backup an interrupted `build --overwrite` left
         if not path.is_dir():
             from segmoe_lab.sources import resolve_source
 
