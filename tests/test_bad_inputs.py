@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import bad_inputs_folders  # noqa: F401 - registers its cases
+import bad_inputs_options  # noqa: F401 - registers its cases
 from bad_inputs import CASES
 from segmoe_lab.cli import app
 from segmoe_lab.errors import DEBUG_HINT, SegMoELabError
