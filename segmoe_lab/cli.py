@@ -1,31 +1,59 @@
 """The ``segmoe-lab`` command line: a thin layer over the public API.
 
-Every command turns the kit's own errors (bad config, missing file, offline hub, ...) into one
-message and exit code 2, without a traceback.
+Every command converts any failure at one place (:func:`friendly_errors`): the kit's own
+errors (bad config, unreadable weights, bad settings, ...) and OS errors print one message and
+exit 2; anything unexpected prints a one-line summary and exits 1. ``segmoe-lab --debug ...``
+(or ``SEGMOE_LAB_DEBUG=1``) shows the traceback instead.
 """
 from __future__ import annotations
 
 import functools
+import os
+import traceback
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Build, inspect and judge SegMoE (Mixture-of-Experts) merges of Stable Diffusion models.")
 
+DEBUG_ENV = "SEGMOE_LAB_DEBUG"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+_debug = {"on": False}  # set by the --debug option of each invocation
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show the full traceback when a command fails")):
+    """Build, inspect and judge SegMoE (Mixture-of-Experts) merges of Stable Diffusion models."""
+    _debug["on"] = debug
+
 
 def friendly_errors(fn):
-    """Print the kit's error messages (and OSError/ValueError) without a traceback; exit 2."""
+    """Run a command and convert any failure: kit and OS errors -> message, exit 2; others -> one line, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from segmoe_lab.errors import explain
+
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError) as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            typer.secho("interrupted; finished outputs are kept, partial ones were removed", fg=typer.colors.RED, err=True)
+            raise typer.Exit(130) from None
+        except Exception as err:  # noqa: BLE001 - the one place every failure of a command is turned into a message
+            if _debug["on"] or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                traceback.print_exc()
+            message, expected = explain(err)
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2 if expected else 1) from None
 
+    wrapper.friendly = True
     return wrapper
 
 
@@ -39,10 +67,14 @@ def build(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's 
     from segmoe_lab.merge.config import load_config
     from segmoe_lab.merge.pipeline import SegMoEPipeline
 
+    from segmoe_lab.errors import FolderError
+
     cfg = load_config(config)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FolderError(f"{out_dir} is a file; the output of build is a folder, choose another path")
     if out_dir.exists() and not overwrite:  # fail before the (long) build, not after it
-        raise ValueError(f"{out_dir} exists already; choose a new output folder or pass --overwrite")
+        raise FolderError(f"{out_dir} exists already; choose a new output folder or pass --overwrite")
     pipe = SegMoEPipeline(cfg, device=device)
     pipe.save_pretrained(out_dir, overwrite=overwrite)
     typer.echo(f"saved {pipe!r} to {out_dir}")
@@ -52,27 +84,42 @@ def build(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's 
 @friendly_errors
 def generate(merge: str = typer.Argument(..., help="merge folder, hub id, or merge config YAML"),
              prompt: str = typer.Argument(...),
-             output: Path = typer.Option(Path("image.png"), "-o", "--output"),
+             output: Path = typer.Option(Path("image.png"), "-o", "--output", help="image file (.png, .jpg, .webp ...)"),
              seed: int = typer.Option(0),
              steps: int = typer.Option(25, help="inference steps"),
              guidance: Optional[float] = typer.Option(None, help="guidance scale (pipeline default if unset)"),
+             height: Optional[int] = typer.Option(None, help="image height, a multiple of 8 (default: the model's)"),
+             width: Optional[int] = typer.Option(None, help="image width, a multiple of 8 (default: the model's)"),
              negative_prompt: Optional[str] = typer.Option(None),
              device: Optional[str] = typer.Option(None)):
     """Generate one image with a merge."""
     import torch
 
+    from segmoe_lab.errors import SettingsError
     from segmoe_lab.merge.pipeline import SegMoEPipeline
+    from segmoe_lab.merge.settings import GenerationSettings
 
+    # every setting is checked before the merge is loaded
+    settings = GenerationSettings.of("generate options", steps=steps, guidance_scale=guidance, height=height,
+                                     width=width, seed=seed, negative_prompt=negative_prompt)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SettingsError(f"-o {output}: the image format comes from the extension; end it in one of "
+                            f"{', '.join(IMAGE_SUFFIXES)}")
+    if output.is_dir():
+        raise SettingsError(f"-o {output} is a folder; give an image file name, e.g. {output / 'image.png'}")
     pipe = SegMoEPipeline(merge, device=device, progress=False)
-    kwargs = {"num_inference_steps": steps, "negative_prompt": negative_prompt}
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    generator = torch.Generator("cpu").manual_seed(seed)
+    kwargs = settings.pipeline_kwargs()
+    if guidance is None:
+        kwargs.pop("guidance_scale")  # the pipeline's own default
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
     image = pipe(prompt, generator=generator, **kwargs).images[0]
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{output.suffix}")
-    image.save(tmp)
-    tmp.replace(output)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp{output.suffix}")
+    try:
+        image.save(tmp)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
     typer.echo(f"wrote {output}")
 
 
@@ -87,7 +134,7 @@ def demo(out: Path = typer.Option(Path("report"), "--out", help="report folder (
     """The main job on the toy world: build, record gates, judge against base and experts; write a report (~5 min on 2 cores)."""
     from segmoe_lab.demo import run_demo
 
-    run_demo(out, n_prompts=n_prompts, seeds=_int_list(seeds), progress=not quiet, log=typer.echo)
+    run_demo(out, n_prompts=n_prompts, seeds=parse_seeds(seeds), progress=not quiet, log=typer.echo)
 
 
 @app.command()
@@ -152,21 +199,22 @@ def estimate(config: Path = typer.Argument(..., help="merge config (YAML) or mer
     from segmoe_lab.sources.layouts import LAYOUTS
 
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"--layout {layout!r} is not known; choose one of {', '.join(LAYOUTS)}")
+        from segmoe_lab.errors import SettingsError
+
+        raise SettingsError(f"--layout {layout!r} is not known; choose one of {', '.join(LAYOUTS)}")
     typer.echo(run_estimate(config, layout=layout).table())
 
 
 # --- compare (merge vs base vs each expert, scored; issue 7) ----------------------------------
 
-def _int_list(text: str) -> list[int]:
-    """``"0,1,2"`` or ``"0-3"`` (inclusive) -> a list of ints."""
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, _, hi = part.partition("-")
-        if not lo.lstrip("-").isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"--seeds {text!r}: give seeds like 0,1,2 or 0-3")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    return out
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-3"`` (inclusive) -> a list of distinct seeds (see :func:`segmoe_lab.merge.settings.parse_seeds`)."""
+    from segmoe_lab.merge.settings import parse_seeds as parse
+
+    return parse(text, "--seeds")
+
+
+_int_list = parse_seeds  # the old name
 
 
 @app.command("compare")
@@ -193,29 +241,36 @@ def compare_cmd(merge: str = typer.Argument("toy", help="merge config YAML, merg
     Shard across processes with `accelerate launch --num_processes N -m segmoe_lab.cli compare ...`
     (or `torchrun --nproc_per_node N -m segmoe_lab.cli compare ...`).
     """
-    import yaml
-
+    from segmoe_lab.errors import ConfigError
     from segmoe_lab.judge.compare import CompareConfig, run_comparison
     from segmoe_lab.judge.report import report
+    from segmoe_lab.safe_load import load_yaml
 
-    values = yaml.safe_load(config.read_text()) or {} if config else {}
+    values = (load_yaml(config, ConfigError, "comparison config (YAML)") or {}) if config else {}
     if not isinstance(values, dict):
-        raise ValueError(f"{config}: a comparison config must be a mapping of CompareConfig fields")
+        raise ConfigError(f"{config}: a comparison config must be a mapping of CompareConfig fields")
     values["merge"] = merge
     flags = {"prompts": prompts, "n_prompts": n_prompts, "device": device, "dtype": dtype,
              "cache_dir": str(cache_dir) if cache_dir else None,
-             "seeds": _int_list(seeds) if seeds else None, "models": models.split(",") if models else None}
+             "seeds": parse_seeds(seeds) if seeds is not None else None,
+             "models": models.split(",") if models is not None else None}
     values.update({k: v for k, v in flags.items() if v is not None})
     sampling = {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
+    if not isinstance(values.get("sampling", {}), dict):
+        raise ConfigError(f"{config}: sampling must be a mapping of settings (steps, guidance_scale, ...)")
     values["sampling"] = {**values.get("sampling", {}), **{k: v for k, v in sampling.items() if v is not None}}
-    if scorers:
+    if isinstance(values.get("scorers"), list) and all(isinstance(s, str) for s in values["scorers"]):
+        values["scorers"] = {name: {} for name in values["scorers"]}
+    if not isinstance(values.get("scorers") or {}, dict):
+        raise ConfigError(f"{config}: scorers must be a list of names or a mapping of name to options")
+    if scorers is not None:
         values["scorers"] = {name: dict((values.get("scorers") or {}).get(name) or {}) for name in scorers.split(",")}
     for name, opts in (("clip", {"model": clip_model, "pretrained": clip_pretrained}), ("torchmetrics", {"model": torchmetrics_model})):
         given = {k: v for k, v in opts.items() if v is not None}
         if given:
             values.setdefault("scorers", {name: {}})
             values["scorers"] = {**values["scorers"], name: {**(values["scorers"].get(name) or {}), **given}}
-    result = run_comparison(CompareConfig.of(**values))
+    result = run_comparison(CompareConfig.of(str(config) if config else "compare options", **values))
     from accelerate import PartialState
 
     state = PartialState()
@@ -248,15 +303,17 @@ def toy_train(quick: bool = typer.Option(False, "--quick", help="a few steps per
     from segmoe_lab.toy.train import WEIGHTS, train_all
 
     if out is None and quick:
-        raise ValueError("--quick would overwrite the shipped weights with untrained ones; give --out DIR")
+        from segmoe_lab.errors import SettingsError
+
+        raise SettingsError("--quick would overwrite the shipped weights with untrained ones; give --out DIR")
     stages = train_all(out or WEIGHTS, seed=seed, quick=quick, device=device, workers=workers)
     typer.echo(f"trained in {stages['total']['seconds']:.0f} s; weights, losses.csv and losses.png in {out or WEIGHTS}")
 
 
 @toy_app.command("quality")
 @friendly_errors
-def toy_quality(n: int = typer.Option(200, help="generated prompts per domain"),
-                steps: int = typer.Option(15, help="sampling steps"),
+def toy_quality(n: int = typer.Option(200, min=1, help="generated prompts per domain"),
+                steps: int = typer.Option(15, min=1, max=1000, help="sampling steps"),
                 out: Optional[Path] = typer.Option(None, "--out", help="write quality.json here"),
                 weights: Optional[Path] = typer.Option(None, help="weights folder (default: the shipped ones)")):
     """Measure the world: experts vs base vs control on ground truth, CLIP retrieval, CLIP-truth Spearman."""

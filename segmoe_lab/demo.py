@@ -72,16 +72,9 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     import matplotlib
 
     matplotlib.use("Agg")  # the demo writes files; it never needs a window
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import torch
 
-    from segmoe_lab.judge import stats
-
-    from segmoe_lab import toy
-    from segmoe_lab.judge.compare import CompareConfig, load_prompts, run_comparison
-    from segmoe_lab.merge.pipeline import SegMoEPipeline
-    from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
+    from segmoe_lab.errors import FolderError
+    from segmoe_lab.judge.compare import CompareConfig
 
     if not progress:
         from diffusers.utils import logging as diffusers_logging
@@ -91,9 +84,36 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
         transformers_logging.disable_progress_bar()
     out = Path(out_dir)
     cache = out / "image_cache"
+    # Every setting is checked before anything is written: a bad one must not cost the old report.
+    compare = CompareConfig.of("demo settings", merge=str(out / "merge"), prompts="toy", n_prompts=n_prompts,
+                               seeds=list(seeds), sampling={"steps": steps, "guidance_scale": guidance_scale},
+                               scorers={"clip": {"model": "toy"}, "toy_truth": {}}, cache_dir=str(cache),
+                               device="cpu", progress=progress)
+    if out.exists() and not out.is_dir():
+        raise FolderError(f"{out} is a file; the demo writes a report folder, choose another path")
+    if out.exists() and not overwrite:
+        raise FolderError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
+    created = not out.exists()
+    try:
+        return _run(out, cache, cfg_compare=compare, n_prompts=n_prompts, seeds=seeds, steps=steps,
+                    guidance_scale=guidance_scale, progress=progress, log=log)
+    except BaseException:
+        if created:  # a failed first run leaves nothing behind; a re-run keeps the old merge and images
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(out: Path, cache: Path, cfg_compare, n_prompts, seeds, steps, guidance_scale, progress, log) -> Path:
+    import matplotlib.pyplot as plt
+    import torch
+
+    from segmoe_lab import toy
+    from segmoe_lab.judge import stats
+    from segmoe_lab.judge.compare import load_prompts, run_comparison
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
+    from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
+
     if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
         for child in out.iterdir():  # keep the image cache and the merge: a re-run regenerates nothing
             if child not in (cache, out / "merge"):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -130,11 +150,7 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
 
     _say(log, "3/4 generating the toy prompt set with the merge, the base and each expert, and scoring it")
     t0 = time.perf_counter()
-    compare = CompareConfig(merge=str(out / "merge"), prompts="toy", n_prompts=n_prompts, seeds=list(seeds),
-                            sampling={"steps": steps, "guidance_scale": guidance_scale},
-                            scorers={"clip": {"model": "toy"}, "toy_truth": {}}, cache_dir=str(cache),
-                            device="cpu", progress=progress)
-    result = run_comparison(compare)
+    result = run_comparison(cfg_compare)
     timings["compare_s"] = time.perf_counter() - t0
 
     _say(log, "4/4 writing the report")

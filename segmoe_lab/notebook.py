@@ -5,7 +5,8 @@ config objects with the functions here (:func:`merge_config`, :class:`Runtime`,
 :class:`Generation`), so a bad value fails at once with the kit's message. The rest are the
 few steps every notebook shares: open a merge where it fits (:func:`open_merge`), generate a
 seeded batch (:func:`generate`), show images (:func:`show_images`) and write the result table
-that ``segmoe-lab runs`` collects (:func:`write_results`).
+that ``segmoe-lab runs`` collects (:func:`write_results`). Each turns any failure below it into
+a kit error; :func:`quiet_errors` shows those as one message, without a traceback.
 
 Example::
 
@@ -20,17 +21,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from segmoe_lab.merge.config import ConfigError, MergeConfig, SchedulerName, load_config
+from segmoe_lab.errors import SettingsError, format_problems, kit_errors, quiet_errors, validation_problems  # noqa: F401
+from segmoe_lab.merge.config import ConfigError, MergeConfig, load_config
+from segmoe_lab.merge.settings import GenerationSettings, Steps
 
 GiB = 2**30
 HEADROOM = 1.5 * GiB  # activations, CUDA context and allocator slack on top of the weights (rough)
 
 
-class NotebookError(ValueError):
+class NotebookError(SettingsError):
     """A notebook parameter that cannot be used; the message names it and the valid choices."""
 
 
@@ -38,16 +41,7 @@ def _validate(model: type[BaseModel], values: dict, what: str):
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"])
-            if e["type"] == "literal_error":
-                lines.append(f"{where}={e['input']!r} is not a valid choice; choose one of {e['ctx']['expected']}")
-            elif e["type"] == "extra_forbidden":
-                lines.append(f"{where}: unknown; valid: {', '.join(model.model_fields)}")
-            else:
-                lines.append(f"{where}={e.get('input')!r}: {e['msg']}")
-        raise NotebookError(f"{what}: " + "; ".join(lines)) from None
+        raise NotebookError(format_problems(f"{what}: {{n}} problem(s)", validation_problems(err, model))) from None
 
 
 # --- the merge ----------------------------------------------------------------------------------
@@ -60,6 +54,7 @@ def is_built_merge(config) -> bool:
     return path.is_dir() or (not path.suffix and not path.exists() and "/" in str(config))
 
 
+@kit_errors
 def merge_config(config: Union[str, Path, MergeConfig] = "toy", **overrides: Any) -> MergeConfig:
     """The merge a notebook works on, validated with ``overrides`` applied (``None`` ones ignored).
 
@@ -151,6 +146,7 @@ def _offload_for(cfg: MergeConfig, dtype: str) -> tuple[str, str]:
     return "experts", f"even the merged UNet does not fit, so the experts stay in CPU memory and only the routed ones go to the GPU ({gib})"
 
 
+@kit_errors
 def open_merge(config: Union[str, Path, MergeConfig], place: Placement, progress: bool = True, **overrides: Any):
     """A :class:`~segmoe_lab.SegMoEPipeline` placed as ``place`` says: built from a config
     (``"toy"``, a YAML file or a :class:`MergeConfig`, with ``overrides``), or loaded from a merge
@@ -183,16 +179,12 @@ def parameter_count(module) -> int:
 
 # --- generating ---------------------------------------------------------------------------------
 
-class Generation(BaseModel):
-    """Sampling settings a notebook's parameters give (validated; see :func:`generate`)."""
+class Generation(GenerationSettings):
+    """Sampling settings a notebook's parameters give (validated as :class:`GenerationSettings`; see :func:`generate`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    UNUSED: ClassVar[dict[str, str]] = {"num_images": "generate() makes one image per prompt; list a prompt twice"}
 
-    steps: int = Field(8, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
-    negative_prompt: Optional[str] = None
-    seed: int = 0
-    scheduler: Optional[SchedulerName] = None  # None: the merge's own
+    steps: Steps = 8
 
     @classmethod
     def of(cls, **values) -> "Generation":
@@ -219,6 +211,7 @@ def use_scheduler(pipe, name: Optional[str]):
         target.scheduler = old
 
 
+@kit_errors
 def generate(pipe, prompts: Sequence[str], gen: Generation) -> list:
     """One image per prompt, prompt ``i`` seeded with ``gen.seed + i`` (so a prompt's image does not
     depend on the others); works for a merge and for a plain diffusers pipeline. Returns PIL images."""
@@ -263,9 +256,16 @@ def write_results(table, output_dir: Optional[Union[str, Path]], name: str = "re
     """Write a result table to ``output_dir/name`` (what ``segmoe-lab runs`` collects); no-op without a folder."""
     if not output_dir:
         return None
+    if len(table) == 0:  # a header-only file would look like a finished run that found nothing
+        raise NotebookError(f"write_results: the table for {name} has no rows; nothing was written")
     path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        table.to_csv(tmp, index=False)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -280,6 +280,7 @@ def work_dir(path: Optional[Union[str, Path]] = None) -> Path:
 
 # --- prompts and judging -------------------------------------------------------------------------
 
+@kit_errors
 def prompt_table(prompts: Sequence[str] = (), n: int = 4, prompt_set: str = "toy"):
     """The prompts to generate: ``prompts`` if given, else ``n`` prompts of a prompt set (default
     the toy world's, with ground-truth descriptions) taken in turn from each category."""
@@ -311,6 +312,7 @@ def judge(name: str = "toy_truth", **options):
     return score
 
 
+@kit_errors
 def judges(scorers: dict[str, dict]) -> dict:
     """``{label: judge}`` for a ``{label: options}`` mapping, as ``CompareConfig.scorers``
     (``{"toy_truth": {}, "clip": {"model": "toy"}}``; a label other than a scorer's name picks it
@@ -328,6 +330,7 @@ def score_table(images: Sequence, table, judges_: dict):
 
 # --- inspecting ----------------------------------------------------------------------------------
 
+@kit_errors
 def open_base(cfg: MergeConfig, place: Placement, progress: bool = False):
     """The merge's base model alone (a diffusers pipeline), with the merge's scheduler, placed as ``place``."""
     from segmoe_lab.merge.build import DTYPES, make_scheduler

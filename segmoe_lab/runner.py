@@ -39,7 +39,8 @@ from typing import Any, Callable, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from segmoe_lab.merge.config import _UniqueKeyLoader
+from segmoe_lab.errors import ConfigError, format_problems, validation_problems
+from segmoe_lab.safe_load import load_yaml
 
 RESULTS_FILE = "results.csv"
 STATUS_FILE = "status.json"
@@ -48,7 +49,7 @@ PACKAGES = ("segmoe-lab", "torch", "diffusers", "transformers", "accelerate", "s
             "numpy", "pandas", "papermill", "ipykernel")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(ConfigError):
     """An experiment file that cannot be run; the message names the field and how to fix it."""
 
 
@@ -88,27 +89,15 @@ class Experiment(BaseModel):
 
 
 def _format(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key; valid keys: {', '.join(Experiment.model_fields)}")
-        elif e["type"] == "value_error":
-            lines.append(str(e["ctx"]["error"]))
-        else:
-            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join([f"{source}: {len(lines)} problem(s) in the experiment"] + [f"  - {line}" for line in lines])
+    return format_problems(f"{source}: {{n}} problem(s) in the experiment", validation_problems(err, Experiment))
 
 
 def load_experiment(path: Union[str, Path]) -> Experiment:
     """Read and validate an experiment YAML, and check its parameters against the notebook's."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ExperimentError(f"{path}: no such experiment file; pass the path of an experiment YAML")
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        raise ExperimentError(f"{path}: not valid YAML: {err}") from None
+    data = load_yaml(path, ExperimentError, "experiment (YAML)")
     if not isinstance(data, dict):
         raise ExperimentError(f"{path}: an experiment is a mapping with at least `notebook:`")
     if "base_model" in data:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from segmoe_lab.merge.config import SchedulerName
+from segmoe_lab.merge.settings import Guidance, Seed, Steps
 from segmoe_lab.notebook import Generation, _validate
 
 FACTORS = ("steps", "guidance_scale", "negative_prompt", "seed", "scheduler")
@@ -31,10 +32,11 @@ class Sweep(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: list[int] = Field(default_factory=lambda: [8])
-    guidance_scale: list[float] = Field(default_factory=lambda: [7.5])
+    # each value is checked as GenerationSettings checks it (steps >= 1, finite guidance, ...)
+    steps: list[Steps] = Field(default_factory=lambda: [8])
+    guidance_scale: list[Guidance] = Field(default_factory=lambda: [7.5])
     negative_prompt: list[str] = Field(default_factory=lambda: [""])
-    seed: list[int] = Field(default_factory=lambda: [0])
+    seed: list[Seed] = Field(default_factory=lambda: [0])
     scheduler: list[SchedulerName] = Field(default_factory=lambda: ["ddpm"])
 
     @field_validator(*FACTORS)

@@ -24,7 +24,7 @@ import torch
 
 from segmoe_lab.sources import layouts
 from segmoe_lab.sources.layouts import LAYOUTS
-from segmoe_lab.sources.ldm_writer import save_single_file
+from segmoe_lab.sources.ldm_writer import ldm_state_dict, save_single_file
 
 __all__ = ["LAYOUTS", "EXPERT_PROMPTS", "FixtureSet", "make_pipeline", "perturb_unet", "save_single_file",
            "tiny_unet_config", "unet_inputs", "write_fixture_set", "expert_prompt", "ldm_state_dict"]

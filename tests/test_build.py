@@ -4,7 +4,6 @@ import torch
 
 from segmoe_lab import sources
 from segmoe_lab.merge.build import MergeError, build_merge
-from segmoe_lab.merge.discovery import find_sites, get_module
 from segmoe_lab.merge.moe import ROUTINGS, iter_moe_layers, set_routing
 from segmoe_lab.testing import LAYOUTS, unet_inputs
 

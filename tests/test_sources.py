@@ -34,11 +34,14 @@ def _closed_port() -> int:
 
 # --- local paths ---------------------------------------------------------------------------------
 
+EMPTY_SAFETENSORS = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"  # a valid file holding no tensors (resolving reads headers)
+
+
 def _fake_diffusers_folder(root: Path, unet_files=("diffusion_pytorch_model.safetensors",)) -> Path:
     (root / "unet").mkdir(parents=True)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     for name in unet_files:
-        (root / "unet" / name).write_bytes(b"")
+        (root / "unet" / name).write_bytes(EMPTY_SAFETENSORS)
     return root
 
 
@@ -50,14 +53,14 @@ def test_local_folder_resolves(tmp_path):
 
 def test_local_single_file_resolves(tmp_path):
     file = tmp_path / "model.safetensors"
-    file.write_bytes(b"")
+    file.write_bytes(EMPTY_SAFETENSORS)
     res = resolve_source(f"  {file}  ")  # YAML values can carry stray spaces
     assert (res.path, res.form, res.origin) == (file, "single_file", "local")
 
 
 def test_folder_with_one_safetensors_file_is_that_file(tmp_path):
     (tmp_path / "lora").mkdir()
-    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(EMPTY_SAFETENSORS)
     res = resolve_source(str(tmp_path / "lora"))
     assert res.form == "single_file" and res.path.name == "pytorch_lora_weights.safetensors"
 
@@ -134,8 +137,8 @@ def test_hub_id_resolves_from_the_cache_without_network(tmp_path, monkeypatch):
 def test_hub_file_in_repo_resolves_from_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "a.safetensors").write_bytes(b"")
-    (tmp_path / "src" / "b.safetensors").write_bytes(b"")
+    (tmp_path / "src" / "a.safetensors").write_bytes(EMPTY_SAFETENSORS)
+    (tmp_path / "src" / "b.safetensors").write_bytes(EMPTY_SAFETENSORS)
     populate_hf_cache(tmp_path / "my_cache", "org/loras", tmp_path / "src")
     res = resolve_source("org/loras/b.safetensors", cache_dir=tmp_path / "my_cache")
     assert res.form == "single_file" and res.path.name == "b.safetensors" and res.origin == "hub"

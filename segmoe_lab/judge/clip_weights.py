@@ -9,12 +9,12 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from segmoe_lab.errors import SegMoELabError
+from segmoe_lab.errors import SourceError
 
 HF_HUB_HOST = "huggingface.co"
 
 
-class ScorerError(SegMoELabError, OSError):
+class ScorerError(SourceError):
     """A scorer whose model or weights cannot be found or loaded; the message says how to provide them."""
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,27 +37,22 @@ from segmoe_lab.judge.images import (
 from segmoe_lab.judge.models import MODEL_GROUPS, ModelLoader, model_refs, resolve_merge
 from segmoe_lab.judge.prompts import load_prompts
 from segmoe_lab.judge.scorers import SCORERS, get_scorer
-from segmoe_lab.merge.config import (
-    MergeConfig,
-    SchedulerName,
-)
+from segmoe_lab.errors import SettingsError, format_problems, validation_problems
+from segmoe_lab.merge.config import MergeConfig
+from segmoe_lab.merge.settings import GenerationSettings, Seed
 
 # --- prompt sets -----------------------------------------------------------------------------
 
 
 # --- what a comparison is -------------------------------------------------------------------------
 
-class Sampling(BaseModel):
-    """Generation settings, identical for every model of a comparison."""
+class Sampling(GenerationSettings):
+    """Generation settings, identical for every model of a comparison (validated as :class:`GenerationSettings`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    UNUSED: ClassVar[dict[str, str]] = {"seed": "list the comparison's seeds in `seeds`",
+                                        "num_images": "each prompt x seed gives one image; add seeds for more"}
 
-    steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
     negative_prompt: str = ""
-    scheduler: Optional[SchedulerName] = None  # None: the merge's own (segmoe: ddpm)
-    height: Optional[int] = Field(None, ge=8)
-    width: Optional[int] = Field(None, ge=8)
 
 
 class CompareConfig(BaseModel):
@@ -76,7 +71,7 @@ class CompareConfig(BaseModel):
     prompts: str = "toy"
     n_prompts: Optional[int] = Field(None, ge=1)
     categories: list[str] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=10_000)
     sampling: Sampling = Field(default_factory=Sampling)
     models: list[str] = Field(default_factory=lambda: list(MODEL_GROUPS))
     scorers: Optional[dict[str, dict]] = None
@@ -86,24 +81,14 @@ class CompareConfig(BaseModel):
     progress: bool = True
 
     @classmethod
-    def of(cls, **values) -> "CompareConfig":
-        """Validate notebook / CLI values; every bad field is named in one :class:`ValueError`."""
+    def of(cls, source: str = "comparison settings", **values) -> "CompareConfig":
+        """Validate notebook / CLI values; every bad field is named in one :class:`SettingsError`."""
         from pydantic import ValidationError
 
         try:
             return cls.model_validate(values)
         except ValidationError as err:
-            lines = []
-            for e in err.errors():
-                where = ".".join(str(p) for p in e["loc"]) or "(config)"
-                if e["type"] == "literal_error":
-                    lines.append(f"{where}={e['input']!r} is not a valid choice; choose one of {e['ctx']['expected']}")
-                elif e["type"] == "extra_forbidden":
-                    fields = Sampling.model_fields if e["loc"][0] == "sampling" else cls.model_fields
-                    lines.append(f"{where}: unknown setting; valid: {', '.join(fields)}")
-                else:
-                    lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
-            raise ValueError("comparison settings: " + "; ".join(lines)) from None
+            raise SettingsError(format_problems(f"{source}: {{n}} problem(s)", validation_problems(err, cls))) from None
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -132,8 +117,9 @@ class CompareConfig(BaseModel):
     @classmethod
     def _model_names(cls, value):
         bad = [m for m in value if m not in MODEL_GROUPS and not m.startswith("expert_")]
-        if bad or "merge" not in value:
-            raise ValueError(f"models {value}: list 'merge' and any of 'base', 'experts', 'expert_<i>'")
+        if bad or "merge" not in value or len(set(value)) < 2:
+            raise ValueError(f"models {value}: list 'merge' and at least one of 'base', 'experts', 'expert_<i>' "
+                             "(the merge is compared with them)")
         return value
 
     @field_validator("seeds")
@@ -207,7 +193,7 @@ def _placement(cfg: CompareConfig):
 
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if cfg.device == "cuda" and cpu:
-        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
+        raise SettingsError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
     state = PartialState(cpu=cpu)
     device = "cpu" if cpu else str(state.device)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if cpu else "float16")
@@ -228,6 +214,8 @@ def run_comparison(config: Union[CompareConfig, dict, None] = None, **overrides)
     refs = model_refs(merge_cfg, folder, cfg.models)
     settings = _settings(cfg, merge_cfg, device, dtype)
     cache = ImageCache(cfg.cache_dir or default_cache_dir())
+    if state.is_main_process:
+        cache.clean()  # temporary files of crashed runs
     with state.split_between_processes(list(prompts.index)) as mine:
         mine = prompts.loc[list(mine)]
         generated = _generate(refs, mine, cfg, settings, cache, ModelLoader(merge_cfg, folder, device, _torch_dtype(dtype),

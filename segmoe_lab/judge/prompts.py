@@ -6,7 +6,14 @@ from typing import Optional, Union
 
 import pandas as pd
 
+from segmoe_lab.errors import PromptsError, short
+
 PROMPT_COLUMNS = ("prompt", "category")
+MAX_PROMPT_FILE_BYTES = 16 << 20  # 16 MiB: ~100,000 prompts
+
+
+class PromptSetNotFound(PromptsError, FileNotFoundError):
+    """A prompt set name or CSV path that does not exist."""
 
 
 def prompt_dirs() -> list[Path]:
@@ -28,7 +35,9 @@ def _prompt_file(source: Union[str, Path]) -> Path:
     for d in prompt_dirs():
         if (d / f"{source}.csv").is_file():
             return d / f"{source}.csv"
-    raise FileNotFoundError(f"prompt set {str(source)!r}: no such CSV file or set name; choose one of {prompt_sets()} "
+    if path.is_dir():
+        raise PromptsError(f"prompt set {str(source)!r} is a folder; give the path of a CSV file or a set name")
+    raise PromptSetNotFound(f"prompt set {str(source)!r}: no such CSV file or set name; choose one of {prompt_sets()} "
                             "or give the path of a CSV with prompt and category columns")
 
 
@@ -42,20 +51,48 @@ def load_prompts(source: Union[str, Path] = "toy", n: Optional[int] = None, cate
             short run still covers every category.
         categories (`list[str]`, *optional*): keep only these categories.
     """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise PromptsError(f"n={short(n)}: give a whole number of prompts, 1 or more (None: all of them)")
+    if categories is not None and (isinstance(categories, str) or not all(isinstance(c, str) for c in categories)):
+        raise PromptsError(f"categories={short(categories)}: give a list of category names, e.g. [{short(str(categories))}]")
     path = _prompt_file(source)
-    table = pd.read_csv(path, keep_default_na=False)
+    table = _read_csv(path)
     missing = [c for c in PROMPT_COLUMNS if c not in table]
     if missing:
-        raise ValueError(f"{path}: prompt sets need columns {list(PROMPT_COLUMNS)}; missing {missing}")
+        raise PromptsError(f"{path}: prompt sets need columns {list(PROMPT_COLUMNS)}; missing {missing} "
+                           f"(found {[short(c, 30) for c in table.columns[:6]]})")
+    if table.empty:
+        raise PromptsError(f"{path}: holds no prompts, only a header; add rows of prompt,category")
+    blank = table.index[table.prompt.astype(str).str.strip() == ""].tolist()
+    if blank:
+        raise PromptsError(f"{path}: row {blank[0] + 2} has an empty prompt ({len(blank)} such row(s)); fill or remove it")
     dup = table.prompt[table.prompt.duplicated()].tolist()
     if dup:
-        raise ValueError(f"{path}: prompts must be unique (they key the results); repeated: {dup[:3]}")
+        raise PromptsError(f"{path}: prompts must be unique (they key the results); repeated: "
+                           f"{[short(d, 40) for d in dup[:3]]}")
     if categories:
         unknown = sorted(set(categories) - set(table.category))
         if unknown:
-            raise ValueError(f"categories {unknown} are not in {path.name}; choose from {sorted(set(table.category))}")
+            raise PromptsError(f"categories {[short(u, 30) for u in unknown[:5]]} are not in {path.name}; "
+                               f"choose from {sorted(set(table.category))[:20]}")
         table = table[table.category.isin(categories)]
     if n is not None:
         rank = table.groupby("category", sort=False).cumcount()  # round-robin over categories
         table = table.assign(_r=rank).sort_values("_r", kind="stable").head(n).sort_index().drop(columns="_r")
     return table.reset_index(drop=True)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The CSV at ``path``; a huge, binary or malformed file is a :class:`PromptsError` naming it."""
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise PromptsError(f"{path}: is {size:,} bytes, more than a prompt set may be ({MAX_PROMPT_FILE_BYTES:,})")
+    try:
+        table = pd.read_csv(path, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise PromptsError(f"{path}: the file is empty; a prompt set is a CSV with prompt and category columns") from None
+    except UnicodeDecodeError as err:
+        raise PromptsError(f"{path}: is not UTF-8 text (byte {err.start}); save it as a UTF-8 CSV") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        raise PromptsError(f"{path}: not a readable CSV ({str(err).strip()[:160]}); check its quotes and commas") from None
+    return table

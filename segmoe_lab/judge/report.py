@@ -14,11 +14,15 @@ Example::
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import pandas as pd
 
+from segmoe_lab.atomic import disk_full, temp_folder
+from segmoe_lab.errors import SettingsError
 from segmoe_lab.judge import stats
 from segmoe_lab.judge.images import image_key
 
@@ -69,26 +73,52 @@ def plot_agreement(table: pd.DataFrame, x: str, y: str, ax=None):
 
 
 def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int = 2000, seed: int = 0) -> Path:
-    """Write the tables (CSV + Parquet), summaries, paired statistics, scorer agreement and grids to ``out_dir``."""
+    """Write the tables (CSV + Parquet), summaries, paired statistics, scorer agreement and grids to ``out_dir``.
+
+    Everything is computed, then written to a temporary folder beside ``out_dir``, and only then
+    moved in: a failure (or a full disk) leaves ``out_dir`` as it was, with no half-written files.
+    """
     out = Path(out_dir)
-    (out / "grids").mkdir(parents=True, exist_ok=True)
     t = result.table
-    t.to_csv(out / "results.csv", index=False)
-    t.to_parquet(out / "results.parquet", index=False)
+    if t.empty:
+        raise SettingsError(f"{out}: the comparison scored no images, so there is nothing to report; "
+                            "check its prompts, seeds and models")
     tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
               "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
               "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}
     scorers = list(dict.fromkeys(t.scorer))
     if len(scorers) > 1:
         tables["agreement"] = pd.concat([stats.agreement(t, a, b) for i, a in enumerate(scorers) for b in scorers[i + 1:]])
+    grids = {s: grid(result, seed=s) for s in result.config.seeds}
+    tmp = temp_folder(out)
+    try:
+        _write(tmp, result, t, tables, grids, unit)
+        out.mkdir(parents=True, exist_ok=True)
+        for child in sorted(tmp.iterdir()):
+            if child.is_dir() and (out / child.name).is_dir():
+                shutil.rmtree(out / child.name)
+            os.replace(child, out / child.name)
+    except BaseException as err:
+        friendly = disk_full(err, out)
+        if friendly is err:
+            raise
+        raise friendly from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(out: Path, result, t: pd.DataFrame, tables: dict, grids: dict, unit: str) -> None:
+    (out / "grids").mkdir()
+    t.to_csv(out / "results.csv", index=False)
+    t.to_parquet(out / "results.parquet", index=False)
     for name, df in tables.items():
         df.to_csv(out / f"{name}.csv", index=False)
-    for s in result.config.seeds:
-        grid(result, seed=s).save(out / "grids" / f"seed_{s}.png")
+    for s, image in grids.items():
+        image.save(out / "grids" / f"seed_{s}.png")
     meta = {"config": result.config.model_dump(mode="json"), "settings": result.settings, "generated": result.generated,
             "models": [{"name": r.name, "fingerprint": r.fingerprint, "detail": r.detail} for r in result.models]}
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     md = [f"# Comparison: {len(result.prompts)} prompts x {len(result.config.seeds)} seeds, unit={unit}"]
     md += [f"\n## {name}\n\n```\n{df.round(4).to_string(index=False)}\n```" for name, df in tables.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    return out

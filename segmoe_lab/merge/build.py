@@ -42,12 +42,15 @@ from segmoe_lab.merge.gating import (
     warn_degenerate,
 )
 from segmoe_lab.merge.moe import moe_layer
+from segmoe_lab.errors import SegMoELabError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class MergeError(ValueError):
+class MergeError(SegMoELabError, ValueError):
     """A merge that cannot be built (mismatched architectures, a LoRA that does not fit, ...)."""
+
+    kind = "merge error"
 
 
 @dataclass

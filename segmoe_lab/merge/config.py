@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (
@@ -30,6 +30,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from segmoe_lab.errors import ConfigError, format_problems, validate, validation_problems
+from segmoe_lab.safe_load import SafeLoader, load_yaml
 
 MoELayers = Literal["ff", "attn", "all"]
 ModelType = Literal["sd", "sdxl"]
@@ -175,46 +178,9 @@ class MergeConfig(_Strict):
         return d
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; ``str(err)`` lists every problem, one per line."""
-
-
 def _format(err: ValidationError, source: str) -> str:
-    problems = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        kind, msg, value = e["type"], e["msg"], e.get("input")
-        if kind == "extra_forbidden":
-            msg = f"unknown key (misspelt?); valid keys here: {_valid_keys(e['loc'])}"
-        elif kind == "literal_error":
-            msg = f"{value!r} is not a valid choice; choose one of {e['ctx']['expected']}"
-        elif kind == "missing":
-            msg = "is required but missing"
-        elif kind == "value_error":
-            # cross-field checks name their fields themselves, one problem per line
-            problems.extend(str(e.get("ctx", {}).get("error", msg)).splitlines())
-            continue
-        else:
-            msg = f"{msg} (got {value!r})"
-        problems.append(f"{where}: {msg}")
-    lines = [f"{source}: {len(problems)} problem(s) in the merge config"]
-    return "\n".join(lines + [f"  - {p}" for p in problems])
-
-
-def _valid_keys(loc: tuple) -> str:
-    model: type[BaseModel] = MergeConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            break
-        ann = field.annotation
-        inner = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if inner is None:
-            break
-        model = inner
-    return ", ".join(model.model_fields)
+    header = f"{source}: {{n}} problem(s) in the merge config"
+    return format_problems(header, validation_problems(err, MergeConfig))
 
 
 def parse_config(data: Union[dict, MergeConfig], source: str = "config") -> MergeConfig:
@@ -228,40 +194,23 @@ def parse_config(data: Union[dict, MergeConfig], source: str = "config") -> Merg
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a merge config must be a mapping of keys to values, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if k not in SEGMOE_DERIVED_KEYS}
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+    return validate(MergeConfig, data, source, ConfigError, "merge config")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice is an error (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+_UniqueKeyLoader = SafeLoader  # the old name of the kit's YAML loader (no aliases, no repeated keys)
 
 
 def load_config(path: Union[str, Path]) -> MergeConfig:
-    """Read and validate a YAML merge config.
+    """Read and validate a YAML merge config (see :func:`segmoe_lab.safe_load.load_yaml`).
 
     Example::
 
         cfg = load_config("experiments/toy.yaml")
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: no such config file; pass the path of a YAML merge config")
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = load_yaml(path, ConfigError, "merge config (YAML)")
     if data is None:
         raise ConfigError(f"{path}: the file is empty; a merge config needs at least base_model and experts")
     return parse_config(data, source=str(path))

@@ -9,26 +9,29 @@ the block ranges ``down_idx_start`` ... ``up_idx_end``) and whose
 ``segmoe_lab_config`` (our full config: routing, gate options, ...), which segmoe ignores.
 
 This module is the one definition of that format. Writes go to a hidden temporary folder that
-is renamed into place only when complete.
+is renamed into place only when complete (:mod:`segmoe_lab.atomic`). A folder is checked
+against its own config before it loads: expert count, site list, tensor names and shapes.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-import os
 import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
-from safetensors import safe_open
 
+from segmoe_lab.atomic import backup_path, disk_full, replace_folder, temp_folder
+from segmoe_lab.errors import FolderError, format_problems
 from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
-from segmoe_lab.merge.discovery import block_name, get_module, set_module
-from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, moe_layer
+from segmoe_lab.merge.discovery import block_name, find_sites, get_module, set_module
+from segmoe_lab.merge.moe import iter_moe_layers, moe_layer
+from segmoe_lab.safe_load import load_json
+from segmoe_lab.sources.weightfile import open_weights, read_weights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 _ST_DTYPES = {
@@ -38,7 +41,7 @@ _ST_DTYPES = {
 }
 
 
-class MergeFolderError(ValueError):
+class MergeFolderError(FolderError):
     """A folder that is not a loadable merge, or an output folder that cannot be written."""
 
 
@@ -104,6 +107,10 @@ def _unet_config(unet) -> dict:
 def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: bool = False) -> Path:
     """Write a merged pipeline to ``path`` in segmoe's folder format, atomically.
 
+    The merge is written to a temporary folder beside ``path``; with ``overwrite`` the old folder
+    is kept as ``.NAME.backup`` until the new one is in place (see :mod:`segmoe_lab.atomic`), so
+    a kill at any moment leaves the old or the new merge, never neither.
+
     Args:
         pipe: the diffusers pipeline whose UNet holds :class:`MoELayer` s.
         path (`str` or `Path`): the output folder; must not exist unless ``overwrite``.
@@ -115,8 +122,7 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
         raise MergeFolderError(f"{path} exists already; choose a new output folder, remove it, or pass overwrite=True")
     if path.exists() and not path.is_dir():
         raise MergeFolderError(f"{path} is a file; the output must be a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_folder(path)  # also restores/cleans what an interrupted earlier save left
     try:
         pipe.save_config(tmp)  # model_index.json
         for name, component in pipe.components.items():
@@ -130,17 +136,13 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
         ucfg["segmoe_lab_config"] = config.model_dump()
         (unet_dir / "config.json").write_text(json.dumps(ucfg, indent=2))
         write_safetensors(unet_dir / UNET_WEIGHTS, pipe.unet.state_dict(), metadata={"format": "pt"})
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, trash / "old")
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+        friendly = disk_full(err, path)
+        if friendly is err:
+            raise
+        raise friendly from None
+    return replace_folder(tmp, path)
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -158,9 +160,16 @@ def read_merge_config(folder: Union[str, Path]) -> tuple[dict, MergeConfig]:
     """The UNet config (without our keys) and the merge config stored in a merge folder."""
     folder = Path(folder)
     cfg_file = folder / "unet" / "config.json"
+    if not folder.exists() and backup_path(folder).is_dir():
+        raise MergeFolderError(f"{folder} is missing, but {backup_path(folder)} holds the merge that an interrupted "
+                               "`build --overwrite` was replacing; rename it back, or build again (which restores it)")
+    if not folder.is_dir():
+        raise MergeFolderError(f"{folder}: no such merge folder")
     if not cfg_file.is_file():
         raise MergeFolderError(f"{folder} is not a merge folder: {cfg_file} is missing")
-    ucfg = json.loads(cfg_file.read_text())
+    ucfg = load_json(cfg_file, MergeFolderError, "UNet config (config.json)")
+    if not isinstance(ucfg, dict):
+        raise MergeFolderError(f"{cfg_file}: a UNet config is a JSON object, not {type(ucfg).__name__}")
     seg = ucfg.pop("segmoe_config", None)
     lab = ucfg.pop("segmoe_lab_config", None)
     if seg is None:
@@ -168,6 +177,8 @@ def read_merge_config(folder: Union[str, Path]) -> tuple[dict, MergeConfig]:
             f"{folder} is a diffusers folder but not a SegMoE merge (unet/config.json has no segmoe_config); "
             "load it with diffusers, or use it as base_model/source_model in a merge config"
         )
+    if not isinstance(lab or seg, dict):
+        raise MergeFolderError(f"{cfg_file}: segmoe_config is not a mapping (got {type(lab or seg).__name__})")
     cfg = parse_config(lab, source=str(cfg_file)) if lab else _lenient_config(seg, str(cfg_file))
     return ucfg, cfg
 
@@ -180,8 +191,9 @@ def _moe_sites_from_keys(keys) -> dict[str, int]:
             sites.setdefault(k[: -len(".gate.weight")], set())
     for k in keys:
         head, sep, rest = k.partition(".experts.")
-        if sep and head in sites:
-            sites[head].add(int(rest.split(".")[0]))
+        index = rest.split(".")[0]
+        if sep and head in sites and index.isdigit():  # other names are caught by the shape check
+            sites[head].add(int(index))
     return {p: len(e) for p, e in sites.items()}
 
 
@@ -189,31 +201,30 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
     """The merged ``UNet2DConditionModel`` of a merge folder (ours or segmoe's), and its config."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     ucfg, cfg = read_merge_config(folder)
     weights = folder / "unet" / UNET_WEIGHTS
     if not weights.is_file():
         raise MergeFolderError(f"{folder}: {weights} is missing; the merge was not saved completely")
-    with safe_open(str(weights), "pt") as f:
-        keys = list(f.keys())
-    sites = _moe_sites_from_keys(keys)
+    with open_weights(weights) as f:
+        shapes = {k: f.shape(k) for k in f.keys()}
+    sites = _moe_sites_from_keys(shapes)
     if not sites:
         raise MergeFolderError(f"{weights} holds no MoE layers (no '<site>.gate.weight' tensors)")
+    _check_experts(sites, cfg, weights)
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(ucfg)
+        try:
+            unet = UNet2DConditionModel.from_config(ucfg)
+        except Exception as err:  # noqa: BLE001 - any diffusers complaint means the same: a bad config.json
+            raise MergeFolderError(f"{weights.parent / 'config.json'}: not a UNet config diffusers can build "
+                                   f"({type(err).__name__}: {str(err)[:160]})") from None
+        _check_sites(sites, {s.path for s in find_sites(unet, cfg.moe_layers, cfg.include_mid)}, cfg, weights)
         for path, n in sites.items():
             base = get_module(unet, path)
             set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
-    state = load_file(str(weights))
-    missing = sorted(set(unet.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(unet.state_dict()))
-    if missing or unexpected:
-        raise MergeFolderError(
-            f"{weights} does not match its unet/config.json: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-        )
+    _check_shapes({k: tuple(v.shape) for k, v in unet.state_dict().items()}, shapes, weights)
+    state = read_weights(weights)
     unet.load_state_dict(state, assign=True)
     del state
     for _, layer in iter_moe_layers(unet):
@@ -221,6 +232,41 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
     if unet.dtype != torch_dtype:
         unet.to(torch_dtype)
     return unet.eval(), cfg
+
+
+def _check_experts(sites: dict[str, int], cfg: MergeConfig, weights: Path) -> None:
+    """Every site holds the config's number of experts (a folder saying 2 but holding 3 is refused)."""
+    wrong = {p: n for p, n in sites.items() if n != cfg.num_experts}
+    if wrong:
+        header = (f"{weights} does not match its unet/config.json: the config says {cfg.num_experts} experts, "
+                  f"but {len(wrong)} of {len(sites)} MoE sites hold another number; rebuild the merge")
+        raise MergeFolderError(format_problems(header, (f"{p}: {n} experts" for p, n in wrong.items())))
+
+
+def _check_sites(found: dict[str, int], expected: set[str], cfg: MergeConfig, weights: Path) -> None:
+    """The MoE sites in the weights are the ones ``moe_layers`` / ``include_mid`` make on this UNet."""
+    missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+    if missing or extra:
+        header = (f"{weights} does not match its unet/config.json (moe_layers={cfg.moe_layers}, "
+                  f"include_mid={cfg.include_mid}): {len(missing)} MoE site(s) missing, {len(extra)} unexpected; "
+                  "rebuild the merge")
+        problems = [*(f"missing {p}" for p in missing), *(f"unexpected {p}" for p in extra)]
+        raise MergeFolderError(format_problems(header, problems))
+
+
+def _check_shapes(expected: dict[str, tuple], stored: dict[str, tuple], weights: Path) -> None:
+    """Tensor names and shapes in the file are exactly the merged UNet's (read from the header only)."""
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if missing or unexpected or wrong:
+        header = (f"{weights} does not match its unet/config.json: {len(missing)} tensor(s) missing, "
+                  f"{len(unexpected)} unexpected, {len(wrong)} of the wrong shape; rebuild the merge")
+        kinds = [[f"{k}: shape {list(stored[k])}, expected {list(expected[k])}" for k in wrong],
+                 [f"unexpected {k}" for k in unexpected], [f"missing {k}" for k in missing]]
+        # taken in turn from each kind, so a few lines show every kind of mismatch
+        problems = [p for group in itertools.zip_longest(*kinds) for p in group if p is not None]
+        raise MergeFolderError(format_problems(header, problems))
 
 
 def pipeline_class(model_type: str):
@@ -239,8 +285,19 @@ def load_merge(folder: Union[str, Path], torch_dtype: torch.dtype = torch.float3
     Returns:
         ``(pipe, config)``: the diffusers pipeline (UNet with MoE layers) and its ``MergeConfig``.
     """
+    from segmoe_lab.sources.local import WEIGHT_COMPONENTS, _check_components, _check_headers
+
     folder = Path(folder)
     unet, cfg = load_merged_unet(folder, torch_dtype)
-    pipe = pipeline_class(cfg.type).from_pretrained(str(folder), unet=unet, dtype=torch_dtype)
+    if not (folder / "model_index.json").is_file():
+        raise MergeFolderError(f"{folder / 'model_index.json'} is missing; the merge folder is incomplete, rebuild it")
+    load_json(folder / "model_index.json", MergeFolderError, "pipeline index (model_index.json)")
+    _check_components(folder)
+    _check_headers(folder, [c for c in WEIGHT_COMPONENTS if c != "unet"])
+    try:
+        pipe = pipeline_class(cfg.type).from_pretrained(str(folder), unet=unet, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise MergeFolderError(f"{folder}: diffusers could not load the pipeline parts around the merged UNet "
+                               f"({type(err).__name__}: {str(err)[:200]}); the folder is damaged, rebuild it") from None
     pipe.segmoe_config = cfg
     return pipe, cfg

@@ -15,10 +15,13 @@ from typing import Any, Optional, Union
 
 import torch
 
+from segmoe_lab.errors import ConfigError, SettingsError
 from segmoe_lab.merge.build import DTYPES, build_merge, make_scheduler
 from segmoe_lab.merge.config import MergeConfig, load_config, parse_config
+from segmoe_lab.merge.settings import check_pipeline_kwargs
 from segmoe_lab.merge.gating import gate_report
-from segmoe_lab.merge.io import load_merge, save_merge, segmoe_config_for
+from segmoe_lab.atomic import backup_path
+from segmoe_lab.merge.io import load_merge, read_merge_config, save_merge, segmoe_config_for
 from segmoe_lab.merge.moe import iter_moe_layers, set_routing
 
 
@@ -27,11 +30,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _device(device: Optional[str]) -> str:
+    if device is None:
+        return default_device()
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise SettingsError(f"device={device!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SettingsError(f"device={device!r} but no CUDA GPU is visible; use cpu (or leave device unset)")
+    return str(device)
+
+
 def _dtype(value) -> Optional[torch.dtype]:
     if value is None or isinstance(value, torch.dtype):
         return value
     if value not in DTYPES:
-        raise ValueError(f"torch_dtype={value!r} is not supported; choose one of {sorted(DTYPES)}")
+        raise SettingsError(f"torch_dtype={value!r} is not supported; choose one of {sorted(DTYPES)}")
     return DTYPES[value]
 
 
@@ -54,15 +69,21 @@ class SegMoEPipeline:
 
     def __init__(self, config_or_path: Union[str, Path, MergeConfig, dict], device: Optional[str] = None,
                  torch_dtype=None, progress: bool = True):
-        self.device = device or default_device()
+        self.device = _device(device)
         dtype = _dtype(torch_dtype)
         if isinstance(config_or_path, (MergeConfig, dict)):
             self._build(parse_config(config_or_path), dtype, progress)
             return
         path = Path(config_or_path)
+        if path.is_file() and path.suffix.lower() not in (".yaml", ".yml"):
+            raise ConfigError(f"{path} is a {path.suffix or 'suffix-less'} file, not a merge: give a merge config "
+                              "(.yaml), a merge folder or a hub id; to merge this model, name it as base_model or "
+                              "source_model in a config and `segmoe-lab build` it")
         if path.is_file():
             self._build(load_config(path), dtype, progress)
             return
+        if not path.exists() and backup_path(path).is_dir():
+            read_merge_config(path)  # names the backup an interrupted `build --overwrite` left
         if not path.is_dir():
             from segmoe_lab.sources import resolve_source
 
@@ -85,7 +106,10 @@ class SegMoEPipeline:
         return segmoe_config_for(self.config, self.unet)
 
     def __call__(self, *args: Any, **kwargs: Any):
-        """Generate: forwards everything to the diffusers pipeline."""
+        """Generate: forwards everything to the diffusers pipeline, after checking the sampling
+        settings given (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``,
+        ``num_images_per_prompt``) with :class:`~segmoe_lab.merge.settings.GenerationSettings`."""
+        check_pipeline_kwargs(kwargs)
         return self.pipe(*args, **kwargs)
 
     def save_pretrained(self, path: Union[str, Path], overwrite: bool = False) -> Path:

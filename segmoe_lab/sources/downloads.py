@@ -126,12 +126,11 @@ def _fetch(url, folder: Path, token, token_env, allow_pickle, timeout, progress)
 
 
 def _check_safetensors(part: Path, url: str) -> None:
-    from safetensors import SafetensorError, safe_open
+    from segmoe_lab.sources.weightfile import WeightsError, check_weights
 
     try:
-        with safe_open(str(part), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as err:
+        check_weights(part)
+    except WeightsError as err:
         size = part.stat().st_size
         part.unlink()  # not resumable: the bytes themselves are wrong
         raise SourceError(f"{url} sent {size:,} bytes that are not a valid safetensors file ({err}); check the "

@@ -1,12 +1,12 @@
 """Local sources: a diffusers folder or one weights file, checked before anything loads it."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from segmoe_lab.sources.errors import SourceError
 from segmoe_lab.sources.resolved import PICKLE_SUFFIXES, ResolvedSource
+from segmoe_lab.sources.weightfile import check_weights
 
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -21,6 +21,7 @@ def _resolve_local(path: Path, source: str, allow_ckpt: bool, unet_only: bool = 
         _check_unet_weights(path, allow_ckpt)
         if not unet_only:
             _check_components(path)
+        _check_headers(path, ("unet",) if unet_only else WEIGHT_COMPONENTS)
         return ResolvedSource(path, "folder", origin, source, allow_ckpt)
     files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
     if len(files) == 1:  # a folder holding one file, e.g. a LoRA
@@ -39,6 +40,16 @@ def _check_weights_file(path: Path, allow_ckpt: bool) -> None:
             "(resolve_source(..., allow_ckpt=True)).")
     if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise SourceError(f"{path}: not a weights file (expected .safetensors, or .ckpt with allow_ckpt=True)")
+    if path.suffix == ".safetensors":
+        check_weights(path)
+
+
+def _check_headers(folder: Path, components) -> None:
+    """Every safetensors file of these components opens (a header read each): a truncated or
+    corrupt file is named now, not deep inside diffusers' loader."""
+    for name in components:
+        for file in sorted((folder / name).glob("*.safetensors")):
+            check_weights(file)
 
 
 def _check_unet_weights(folder: Path, allow_ckpt: bool) -> None:
@@ -60,9 +71,14 @@ def _check_components(folder: Path) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
         return
+    from segmoe_lab.safe_load import load_json
+
+    parts = load_json(index, SourceError, "pipeline index (model_index.json)")
+    if not isinstance(parts, dict):
+        raise SourceError(f"{index}: a pipeline index is a JSON object, not {type(parts).__name__}; the folder is damaged")
     optional = {"safety_checker", "feature_extractor", "image_encoder"}  # loaded as None when absent
-    missing = [name for name, value in json.loads(index.read_text()).items()
-               if isinstance(value, list) and value[0] and name not in optional and not (folder / name).is_dir()]
+    missing = [name for name, value in parts.items()
+               if isinstance(value, list) and value and value[0] and name not in optional and not (folder / name).is_dir()]
     if missing:
         raise SourceError(f"{folder} lacks the pipeline parts {', '.join(missing)} that its model_index.json lists; "
                           "the folder is incomplete. Download or copy the whole model again.")

@@ -93,11 +93,17 @@ def resolve_url(r: SourceRequest) -> ResolvedSource:
     return ResolvedSource(path, "single_file", "civitai" if civitai else "url", r.source, r.allow_ckpt)
 
 
-@source_kind("local", lambda r: Path(r.source).expanduser().exists())
+# lexists: a dangling link or a link loop is a local path too (exists() says False for both), and
+# must be reported as such rather than tried as a hub id
+@source_kind("local", lambda r: os.path.lexists(Path(r.source).expanduser()))
 def resolve_local(r: SourceRequest) -> ResolvedSource:
     """A local diffusers folder (``model_index.json`` or ``unet/``) or single weights file
     (``.safetensors``; pickled ``.ckpt``/``.pt`` only with ``allow_ckpt``)."""
-    return _resolve_local(Path(r.source).expanduser(), r.source, r.allow_ckpt, r.unet_only)
+    local = Path(r.source).expanduser()
+    if not local.exists():
+        raise SourceError(f"source_model {r.source!r} is a symbolic link that leads nowhere (dangling, or a loop); "
+                          f"fix or remove the link {local}.")
+    return _resolve_local(local, r.source, r.allow_ckpt, r.unet_only)
 
 
 @source_kind("hub", lambda r: _HUB_ID.fullmatch(r.source) is not None)

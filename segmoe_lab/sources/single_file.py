@@ -28,13 +28,18 @@ def checkpoint_keys(path: Path) -> list[str]:
     """Tensor names of a single-file checkpoint (a safetensors header read; pickles are loaded)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from segmoe_lab.sources.weightfile import check_weights
 
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
+        return check_weights(path)
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable pickle is the same user-facing problem
+        from segmoe_lab.errors import WeightsError, clip
+
+        raise WeightsError(f"could not be read as plain tensors ({type(err).__name__}: {clip(err, 160)})", file=path,
+                           fix="convert it to .safetensors with the tool that made it") from None
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return list(state)

@@ -40,7 +40,10 @@ def _check_folder_type(folder: Path, model_type: str) -> None:
     index = folder / "model_index.json"
     if not index.is_file():
         return
-    name = json.loads(index.read_text()).get("_class_name", "")
+    from segmoe_lab.safe_load import load_json
+
+    parts = load_json(index, SourceError, "pipeline index (model_index.json)")
+    name = str(parts.get("_class_name", "")) if isinstance(parts, dict) else ""
     is_xl = "XL" in name
     if (model_type == "sdxl") != is_xl and name:
         want = "sdxl" if is_xl else "sd"
@@ -103,7 +106,7 @@ class UnetTensors:
         if self._loaded is not None:
             return tuple(self._loaded[name].shape)
         file, key = self._where[name]
-        return tuple(self._handles[file].get_slice(key).get_shape())
+        return self._handles[file].shape(key)
 
     def get(self, name: str):
         """One tensor, read from disk."""
@@ -128,7 +131,7 @@ def open_unet_tensors(resolved: ResolvedSource, model_type: str, unet_config: di
         with open_unet_tensors(res, "sd", dict(pipe.unet.config)) as t:
             w = t.get("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight")
     """
-    from safetensors import safe_open
+    from segmoe_lab.sources.weightfile import open_weights_handle
 
     if resolved.form == "folder":
         files = _unet_files(resolved.path)
@@ -137,7 +140,7 @@ def open_unet_tensors(resolved: ResolvedSource, model_type: str, unet_config: di
     if any(f.suffix != ".safetensors" for f in files):
         yield UnetTensors({}, {}, loaded=_load_pickled_unet(files, unet_config, resolved.form))
         return
-    handles = {f: safe_open(str(f), framework="pt") for f in files}
+    handles = {f: open_weights_handle(f) for f in files}
     keys = {k: (f, k) for f, h in handles.items() for k in h.keys()}
     if resolved.form == "single_file":
         from segmoe_lab.sources.single_file import ldm_unet_key_map
