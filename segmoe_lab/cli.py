@@ -67,10 +67,13 @@ def build(config: Path = typer.Argument(..., help="merge config (YAML, segmoe's 
     from segmoe_lab.merge.config import load_config
     from segmoe_lab.merge.pipeline import SegMoEPipeline
 
+    from segmoe_lab.atomic import recover
     from segmoe_lab.errors import FolderError
 
     cfg = load_config(config)
     out_dir = Path(out_dir)
+    for line in recover(out_dir):  # an earlier build killed mid-way: put back (or finish) first
+        typer.echo(line)
     if out_dir.exists() and not out_dir.is_dir():
         raise FolderError(f"{out_dir} is a file; the output of build is a folder, choose another path")
     if out_dir.exists() and not overwrite:  # fail before the (long) build, not after it

@@ -60,7 +60,7 @@ def load_prompts(source: Union[str, Path] = "toy", n: Optional[int] = None, cate
     missing = [c for c in PROMPT_COLUMNS if c not in table]
     if missing:
         raise PromptsError(f"{path}: prompt sets need columns {list(PROMPT_COLUMNS)}; missing {missing} "
-                           f"(found {[short(c, 30) for c in table.columns[:6]]})")
+                           f"(found {[str(c)[:30] for c in table.columns[:6]]})")
     if table.empty:
         raise PromptsError(f"{path}: holds no prompts, only a header; add rows of prompt,category")
     blank = table.index[table.prompt.astype(str).str.strip() == ""].tolist()
@@ -69,11 +69,11 @@ def load_prompts(source: Union[str, Path] = "toy", n: Optional[int] = None, cate
     dup = table.prompt[table.prompt.duplicated()].tolist()
     if dup:
         raise PromptsError(f"{path}: prompts must be unique (they key the results); repeated: "
-                           f"{[short(d, 40) for d in dup[:3]]}")
+                           f"{[str(d)[:40] for d in dup[:3]]}")
     if categories:
         unknown = sorted(set(categories) - set(table.category))
         if unknown:
-            raise PromptsError(f"categories {[short(u, 30) for u in unknown[:5]]} are not in {path.name}; "
+            raise PromptsError(f"categories {[str(u)[:30] for u in unknown[:5]]} are not in {path.name}; "
                                f"choose from {sorted(set(table.category))[:20]}")
         table = table[table.category.isin(categories)]
     if n is not None:

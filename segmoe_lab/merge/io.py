@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from segmoe_lab.atomic import backup_path, disk_full, replace_folder, temp_folder
+from segmoe_lab.atomic import backup_path, disk_full, recover, replace_folder, temp_folder
 from segmoe_lab.errors import FolderError, format_problems
 from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
 from segmoe_lab.merge.discovery import block_name, find_sites, get_module, set_module
@@ -118,11 +118,12 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
     """
     path = Path(path)
+    recover(path)  # first: a merge restored from an interrupted overwrite counts as existing
     if path.exists() and not overwrite:
         raise MergeFolderError(f"{path} exists already; choose a new output folder, remove it, or pass overwrite=True")
     if path.exists() and not path.is_dir():
         raise MergeFolderError(f"{path} is a file; the output must be a folder")
-    tmp = temp_folder(path)  # also restores/cleans what an interrupted earlier save left
+    tmp = temp_folder(path)
     try:
         pipe.save_config(tmp)  # model_index.json
         for name, component in pipe.components.items():
