@@ -56,7 +56,9 @@ def test_bad_input_is_refused_clearly_quickly_and_cleanly(case, world, tmp_path,
     monkeypatch.chdir(tmp_path)  # a stray output in the working folder would count as left behind
     kind, target, fragments = case.make(tmp_path, world)
     before = _tree(tmp_path)
-    start = time.perf_counter()
+    # CPU seconds of this process, not wall time: on a shared 2-core machine the wall clock also counts
+    # the neighbours' work, and the issue's bound is on the work a rejection costs
+    start = time.process_time()
     if kind == "cli":
         result = CliRunner().invoke(app, target)
         output = result.output
@@ -65,10 +67,10 @@ def test_bad_input_is_refused_clearly_quickly_and_cleanly(case, world, tmp_path,
         with pytest.raises(SegMoELabError) as info:
             target()
         output = str(info.value)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert "Traceback" not in output and DEBUG_HINT not in output, output
     missing = [f for f in fragments if f not in output]
     assert not missing, f"{missing} not named in:\n{output}"
     assert len(output) < 3000, output[:500]
-    assert seconds < 5, f"took {seconds:.1f} s"
+    assert seconds < 5, f"took {seconds:.1f} CPU s"
     assert _tree(tmp_path) == before
