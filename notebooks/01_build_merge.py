@@ -115,15 +115,17 @@ print(f"UNet parameters: {nb.parameter_count(pipe.unet):,}")
 
 # %% [markdown]
 # ## 4. The gates
-# One row per site: how alike the experts' gate rows are (`max_cosine`) and the gate matrix's
-# condition number. A *degenerate* gate (huge condition number) routes almost at random; the
-# build warns about those.
+# One row per site: how alike the experts' gate rows are (`max_cosine`), the gate matrix's
+# condition number (mergekit-moe's measure) and its `routing_condition`: the condition number
+# of the rows minus their mean row, the only part that changes which expert wins (a direction
+# all rows share adds the same to every logit). A *degenerate* gate (routing condition above 5)
+# routes almost at random; the build warns about those.
 
 # %%
 report = pipe.gate_report()
 print(*[str(w.message) for w in caught if "gate" in str(w.message)] or ["no degenerate-gate warnings"], sep="\n")
 nb.plot_gates(pipe, report);
-report.sort_values("condition_number", ascending=False).head(8)
+report.sort_values("routing_condition", ascending=False).head(8)
 
 # %% [markdown]
 # ## 5. Generate: base model and merge
