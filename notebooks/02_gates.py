@@ -92,15 +92,16 @@ nb.show_images(recording.images, list(table.prompt), cols=len(table));
 frame.head()
 
 # %% [markdown]
-# ## Layers × experts, per prompt
-# Each row is one MoE layer (`down1.a0.t0 cross-k`: down block 1, attention 0, transformer
-# block 0, cross-attention key), in the order the UNet runs them. Colour: the mean gate
-# probability of each expert, averaged over the steps, for the prompt's own (conditional) half
-# of classifier-free guidance.
+# ## Blocks × experts, per prompt
+# First the overview: one panel per prompt, one row per UNet block (down → up), one column per
+# expert (named after its source model), coloured by the mean gate probability over the block's
+# layers and the steps, for the prompt's own (conditional) half of classifier-free guidance.
+# Then the drill-down into one block: each of its MoE layers (`a0.t0 cross-k`: attention 0,
+# transformer block 0, cross-attention key).
 
 # %%
-for i in range(min(2, len(table))):
-    plots.site_heatmap(frame, prompt=i);
+plots.block_heatmap(frame, list(range(len(table))));
+plots.site_heatmap(frame, prompt=0, block="up1");
 
 # %% [markdown]
 # The same for one layer across the denoising steps (first step at the top): does the gate change
@@ -113,7 +114,7 @@ plots.step_heatmap(frame, site, prompt=0);
 
 # %% [markdown]
 # ## Expert usage per prompt and agreement between prompts
-# Left: which experts each prompt's layers used (share over all layers and steps). Right: how
+# First: which experts each prompt's layers used (share over all layers and steps). Then: how
 # often two prompts have the same top expert at the same layer and step. Prompts of one domain
 # should agree with each other more than with the rest if the gates see the domain.
 
@@ -123,9 +124,11 @@ plots.agreement_matrix(frame);
 
 # %% [markdown]
 # ## Where in the image: routing maps
-# For a few layers, the expert each image token would pick (its most probable expert) at the
-# last step, over the generated image. Under `segmoe` routing the layer still uses one choice
-# for the whole image; the map shows what the gate sees token by token.
+# One row per prompt: the generated image, then for a few layers the expert each image token
+# would pick (its most probable expert) at the last step, in the experts' colours (chosen so they
+# cannot be taken for a shape's colour), with the image's objects outlined in white. Under
+# `segmoe` routing the layer still uses one choice for the whole image; the map shows what the
+# gate sees token by token.
 
 # %%
 if spatial:
@@ -134,8 +137,10 @@ if spatial:
 # %% [markdown]
 # ## Explore
 # Choose a prompt, a step, a layer kind and a layer: the heatmaps, the routing map and the image
-# update together. Where widgets cannot render (papermill runs, static viewers) this shows the
-# same views as static figures.
+# update together. Below the widget stands a static snapshot of its view (the caption names the
+# prompt and step it shows), so a saved notebook reopened, or read in a static viewer, still
+# shows a view. Where widgets cannot render at all (papermill runs) this shows the same views as
+# static figures.
 
 # %%
 explore(recording)

@@ -92,25 +92,33 @@ result.table.head()
 
 # %% [markdown]
 # ## Mean score per model
-# With a 95% bootstrap confidence interval over prompts. Overlapping intervals here do not mean
-# "no difference": the paired comparison below is the sharper test.
+# Scorers that give every image the same number wrap the same model (here `clip` and
+# `torchmetrics`, both the toy CLIP): they are shown once, as `clip = torchmetrics`. Each mean
+# has a 95% bootstrap confidence interval over prompts; below 6 prompts there is none (`note`
+# says "n too small"). Overlapping intervals here do not mean "no difference": the paired
+# comparison below is the sharper test.
 
 # %%
-result.summary(unit=unit, n_boot=n_boot).round(3)
+table = stats.merge_identical_scorers(result.table)
+print("same model, shown once:", stats.identical_scorers(result.table) or "none")
+stats.summary(table, unit=unit, n_boot=n_boot).round(3)
 
 # %% [markdown]
 # ## The merge against the base and each expert
-# `diff` is the mean of (merge − other) over the same prompts and seeds, with its bootstrap CI
-# (above 0: the merge scores higher); `win_rate` is the share of images where the merge scores
-# higher (ties count half); `wilcoxon_p` is the signed-rank test over prompts. With few prompts
-# the intervals are wide: that is the honest answer, not a failure.
+# `diff` is the mean of (merge − other) over the same prompts and seeds (above 0: the merge
+# scores higher); `win_rate` is the share of images where the merge scores higher (ties count
+# half). The 95% CI and `p_value` come from one sign-flip permutation test over prompts (exact
+# up to 12 prompts): the CI holds the differences the test does not reject, so it excludes 0
+# exactly when p < 0.05. Below 6 prompts no such test can reach p < 0.05, so no CI is shown and
+# `note` says "n too small". With few prompts the intervals are wide: that is the honest
+# answer, not a failure.
 
 # %%
-paired = result.paired(unit=unit, n_boot=n_boot)
+paired = stats.paired(table, unit=unit, n_boot=n_boot)
 paired[paired.category == stats.ALL].round(3)
 
 # %% [markdown]
-# Per prompt category:
+# Per prompt category (the toy set has few prompts per category: read `note` before the numbers):
 
 # %%
 paired[paired.category != stats.ALL].round(3)
@@ -123,14 +131,15 @@ result.grid()
 
 # %% [markdown]
 # ## Does the CLIP score track the ground truth?
-# Each dot is one image. A high rank correlation means CLIP score ranks images the way the truth
-# does; on the toy world, with a tiny CLIP, expect it to be far from perfect.
+# Each dot is one image (the truth's few levels jittered apart; a bar marks each level's mean
+# CLIP score). A high rank correlation means CLIP score ranks images the way the truth does; on
+# the toy world, with a tiny CLIP, expect it to be far from perfect.
 
 # %%
 if truth is not None:
-    clip_like = [s for s in config.scorers if s != truth]
-    display(pd.concat([stats.agreement(result.table, s, truth) for s in clip_like]).round(3))
-    plot_agreement(result.table, clip_like[0], truth);
+    clip_like = [s for s in dict.fromkeys(table.scorer) if s != truth]
+    display(pd.concat([stats.agreement(table, s, truth) for s in clip_like]).round(3))
+    plot_agreement(table, clip_like[0], truth);
 
 # %% [markdown]
 # ## Save the report
@@ -139,3 +148,5 @@ if truth is not None:
 # %%
 if output_dir:
     print("report:", result.report(Path(output_dir) / "report", unit=unit, n_boot=n_boot))
+else:
+    print("output_dir is None, so no report was written; set output_dir (a folder) to save one.")

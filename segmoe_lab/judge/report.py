@@ -89,8 +89,9 @@ def report(result: Comparison, out_dir: Union[str, Path], unit: str = "prompt", 
     out = Path(out_dir)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     t = result.table
-    t.to_csv(out / "results.csv", index=False)
+    t.to_csv(out / "results.csv", index=False)  # every scorer's own rows
     t.to_parquet(out / "results.parquet", index=False)
+    t = stats.merge_identical_scorers(t)  # scorers wrapping one model: one set of rows, both names
     tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
               "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
               "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}

@@ -3,10 +3,12 @@
 Pick a prompt, a step (or the mean over steps), a layer kind and a site: the sites x experts
 heatmap, the site's steps x experts heatmap, the routing map over the image and the image itself
 update together. Where widgets cannot render (papermill / nbconvert runs, plain Python, a
-terminal) :func:`explore` shows the same figures as static plots instead. Beside the live widget
-stands a static snapshot of its current view (one image, redrawn on every change), so a notebook
-saved and reopened, or read in a static viewer, shows the last view rather than a lone
-"model not found".
+terminal) :func:`explore` shows the same figures as static plots instead. Below the live widget
+stands a static snapshot of its view (one image naming the control values it shows), so a
+notebook saved and reopened, or read in a static viewer, shows a view rather than a lone
+"model not found". The snapshot is redrawn on every change through ``update_display_data``;
+JupyterLab 4 does not route that message from a widget callback, so there it keeps the view the
+cell started with (its caption says which).
 
 Example::
 
@@ -188,8 +190,8 @@ class GateExplorer:
 
 def _describe(controls: dict) -> str:
     values = {name: c.label if hasattr(c, "label") and c.label is not None else c.value for name, c in controls.items()}
-    return ("Snapshot of the explorer's current view (for static viewers and reopened notebooks; the live widget "
-            f"is above): {'; '.join(f'{k} = {v}' for k, v in values.items())}")
+    return ("Static view of the explorer, for static viewers and reopened notebooks (the live widget is above): "
+            f"{'; '.join(f'{k} = {v}' for k, v in values.items())}")
 
 
 def snapshot_png(figures: dict, caption: str = "", dpi: int = 60) -> bytes:
