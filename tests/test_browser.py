@@ -159,23 +159,26 @@ def test_jupyterlab_runs_02_gates_and_its_explorer_responds(lab, browser):
     explorer.screenshot(path=str(shots / "explorer_before.png"))
     before = _explorer_images(page)
 
-    changed = "b => JSON.stringify(" + _explorer_js() + ") !== b"
+    heatmap_changed = "b => { const s = " + _explorer_js() + "; return s.length >= 4 && s[0] !== b }"
     prompt.select_option(index=1)
-    page.wait_for_function(changed, arg=json.dumps(before), timeout=120_000)
-    page.wait_for_function(f"() => ({NOTEBOOK_STATE})().status === 'idle'", timeout=120_000)
+    page.wait_for_function(heatmap_changed, arg=before[0], timeout=120_000)
+    page.wait_for_timeout(5000)  # the other panels follow the heatmap
     middle = _explorer_images(page)
     step.select_option(label="0")
-    page.wait_for_function(changed, arg=json.dumps(middle), timeout=120_000)
-    page.wait_for_function(f"() => ({NOTEBOOK_STATE})().status === 'idle'", timeout=120_000)
-    page.wait_for_timeout(2000)  # the Output widgets redraw after the kernel reports idle
+    page.wait_for_function(heatmap_changed, arg=middle[0], timeout=120_000)  # mean over steps -> step 0
+    page.wait_for_timeout(5000)
     after = _explorer_images(page)
     explorer.screenshot(path=str(shots / "explorer_after.png"))
     assert len(before) >= 4 and len(after) >= 4, (before, after)
-    assert before[0] != after[0], "the heatmap did not change with the prompt and step"
+    assert before[0] != middle[0] != after[0], "the heatmap did not change with the prompt and the step"
     assert not console, f"browser console errors: {console}"
     assert all(u.startswith("https://colab.research.google.com/assets/") for u in external), external
     page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")  # for the reopening test below
-    page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=60_000)
+    saved = work / "notebooks" / "02_gates.ipynb"
+    for _ in range(60):  # the save is asynchronous: wait for the executed notebook on disk
+        if '"execution_count": null' not in saved.read_text():
+            break
+        time.sleep(1)
     page.close()
 
 
