@@ -280,7 +280,7 @@ def compare_cmd(merge: str = typer.Argument("toy", help="merge config YAML, merg
     if state.is_main_process:
         folder = report(result, out)
         overall = result.paired(by_category=False)
-        cols = ["scorer", "model_a", "model_b", "diff", "ci_low", "ci_high", "win_rate", "wilcoxon_p"]
+        cols = ["scorer", "model_a", "model_b", "diff", "ci_low", "ci_high", "win_rate", "p_value", "note"]
         typer.echo(result.summary().round(3).to_string(index=False))
         typer.echo(overall[cols].round(3).to_string(index=False))
         typer.echo(f"generated {sum(result.generated.values())} image(s); report in {folder}")

@@ -365,14 +365,15 @@ def site_table(cfg: MergeConfig):
 
 
 def plot_gates(pipe, report=None, n: int = 4):
-    """For ``n`` sites (the least well-conditioned first): the gate matrix (experts x hidden) and
-    the cosine similarity between its expert rows."""
+    """For ``n`` sites (the least well-conditioned for routing first): the gate matrix (experts x
+    hidden) and the cosine similarity between its expert rows."""
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
     report = report if report is not None else pipe.gate_report()
     layers = dict(pipe.moe_layers)
-    sites = list(report.sort_values("condition_number", ascending=False).site[:n])
+    order = "routing_condition" if "routing_condition" in report else "condition_number"
+    sites = list(report.sort_values(order, ascending=False).site[:n])
     fig, axes = plt.subplots(2, len(sites), figsize=(3.2 * len(sites), 4.6), squeeze=False)
     for j, site in enumerate(sites):
         w = layers[site].gate.weight.detach().float().cpu()  # (E, hidden)

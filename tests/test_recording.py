@@ -285,7 +285,7 @@ def test_plots_render_headless_sd(sd_recording):
             plots.routing_maps(rec, [0, 1], [site, "down0.a0.t0 ff"], value="chosen")]
     heat = figs[0].axes[0]
     labels = [t.get_text() for t in heat.get_yticklabels()]
-    assert labels[0] == "down0.a0.t0 self-q" and not any("transformer_blocks" in lab for lab in labels)
+    assert labels[0] == "a0.t0 self-q" and not any("transformer_blocks" in lab for lab in labels)  # block: beside
     check_figures(figs)
 
 

@@ -312,3 +312,22 @@ def _clip_for_torchmetrics(folder: Path):
             return tensor(super().get_text_features(*args, **kwargs))
 
     return CLIPModelTensorFeatures.from_pretrained(folder).eval()
+
+
+def _processor_for_torchmetrics(folder: Path):
+    """A transformers CLIPProcessor that truncates captions to the CLIP's context.
+
+    torchmetrics' CLIPScore tokenizes with ``padding=True`` only; transformers 5 then also passes
+    the tokenizer's own ``max_length`` and warns once per caption that it is ignored without a
+    truncation strategy. Truncating to that length is what CLIPScore does next anyway (it cuts
+    the ids to ``max_position_embeddings``), so asking for it here gives the same ids, quietly.
+    """
+    from transformers import CLIPProcessor
+
+    class TruncatingCLIPProcessor(CLIPProcessor):
+        def __call__(self, *args, **kwargs):
+            if kwargs.get("text") is not None:
+                kwargs.setdefault("truncation", True)
+            return super().__call__(*args, **kwargs)
+
+    return TruncatingCLIPProcessor.from_pretrained(folder)

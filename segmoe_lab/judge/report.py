@@ -57,18 +57,35 @@ def _wrap(text: str, width: int, lines: int = 6) -> str:
     return "\n".join(textwrap.wrap(text, max(width, 8))[:lines])
 
 
-def plot_agreement(table: pd.DataFrame, x: str, y: str, ax=None):
-    """Scatter of scorer ``y`` against scorer ``x`` over the same images, one colour per model."""
+def plot_agreement(table: pd.DataFrame, x: str, y: str, ax=None, jitter: float = 0.03, seed: int = 0):
+    """Scatter of scorer ``y`` against scorer ``x`` over the same images, one colour per model.
+
+    A scorer with few distinct values (``toy_truth``: 0, 1/3, 2/3, 1) would stack its dots on a
+    few lines, so ``y`` is jittered (seeded, by ``jitter`` of its range; the ticks mark the true
+    levels) and each level's mean ``x`` is marked. Title with Spearman's rho; legend outside, right.
+    """
     import matplotlib.pyplot as plt
+    import numpy as np
 
     wide = table.pivot_table(index=["model", "prompt_id", "seed"], columns="scorer", values="score").reset_index()
     if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 3.5))
+        _, ax = plt.subplots(figsize=(6.2, 3.8))
+    levels = np.sort(wide[y].unique())
+    discrete = len(levels) <= 12
+    spread = jitter * (float(levels[-1] - levels[0]) or 1.0) if discrete else 0.0
+    rng = np.random.default_rng(seed)
     for model, g in wide.groupby("model", sort=False):
-        ax.scatter(g[x], g[y], label=model, alpha=0.7, s=18)
+        ax.scatter(g[x], g[y] + rng.uniform(-spread, spread, len(g)), label=model, alpha=0.6, s=16)
+    if discrete:
+        means = wide.groupby(y)[x].mean()
+        ax.scatter(means.to_numpy(), means.index, marker="|", s=400, color="black", label=f"mean {x} per level")
+        ax.set_yticks(levels, [f"{v:.2f}" for v in levels])
+    rho = stats.agreement(table, x, y).spearman.iloc[0]
+    ax.set_title(f"{x} vs {y}, one dot per image (Spearman rho = {rho:.2f})", fontsize=9)
     ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.legend(fontsize=7)
+    ax.set_ylabel(y + (" (jittered)" if discrete else ""))
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False, title="model", title_fontsize=7)
+    ax.figure.tight_layout()
     return ax.figure
 
 
@@ -83,6 +100,8 @@ def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int 
     if t.empty:
         raise SettingsError(f"{out}: the comparison scored no images, so there is nothing to report; "
                             "check its prompts, seeds and models")
+    scored = t  # results.csv keeps every scorer's own rows
+    t = stats.merge_identical_scorers(t)  # scorers wrapping one model: one set of rows, both names
     tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
               "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
               "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}
@@ -92,7 +111,7 @@ def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int 
     grids = {s: grid(result, seed=s) for s in result.config.seeds}
     tmp = temp_folder(out)
     try:
-        _write(tmp, result, t, tables, grids, unit)
+        _write(tmp, result, scored, tables, grids, unit)
         out.mkdir(parents=True, exist_ok=True)
         for child in sorted(tmp.iterdir()):
             if child.is_dir() and (out / child.name).is_dir():

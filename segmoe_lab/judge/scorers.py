@@ -32,6 +32,7 @@ import numpy as np
 from segmoe_lab.judge.clip_weights import (  # noqa: F401  ScorerError is part of this module's API
     ScorerError,
     _clip_for_torchmetrics,
+    _processor_for_torchmetrics,
     _device,
     _transformers_clip_folder,
     resolve_openclip,
@@ -146,12 +147,11 @@ class TorchmetricsScorer(Scorer):
     def __init__(self, model: str = "openai/clip-vit-large-patch14", device: Optional[str] = None,
                  cache_dir: Optional[str] = None):
         from torchmetrics.multimodal import CLIPScore
-        from transformers import CLIPProcessor
 
         folder = _transformers_clip_folder(model, cache_dir)
         self.model_name, self.device = str(folder), _device(device)
         # torchmetrics accepts only a few hub ids by name; a callable is its documented way to pass any CLIP
-        self.metric = CLIPScore(model_name_or_path=lambda: (_clip_for_torchmetrics(folder), CLIPProcessor.from_pretrained(folder)))
+        self.metric = CLIPScore(model_name_or_path=lambda: (_clip_for_torchmetrics(folder), _processor_for_torchmetrics(folder)))
         self.metric.to(self.device)
 
     def describe(self) -> str:

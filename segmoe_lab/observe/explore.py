@@ -3,7 +3,12 @@
 Pick a prompt, a step (or the mean over steps), a layer kind and a site: the sites x experts
 heatmap, the site's steps x experts heatmap, the routing map over the image and the image itself
 update together. Where widgets cannot render (papermill / nbconvert runs, plain Python, a
-terminal) :func:`explore` shows the same figures as static plots instead.
+terminal) :func:`explore` shows the same figures as static plots instead. Below the live widget
+stands a static snapshot of its view (one image naming the control values it shows), so a
+notebook saved and reopened, or read in a static viewer, shows a view rather than a lone
+"model not found". The snapshot is redrawn on every change through ``update_display_data``;
+JupyterLab 4 does not route that message from a widget callback, so there it keeps the view the
+cell started with (its caption says which).
 
 Example::
 
@@ -21,7 +26,8 @@ import matplotlib.pyplot as plt
 from segmoe_lab.observe import plots
 
 ALL_KINDS = "all kinds"
-MEAN = "mean over steps"
+MEAN = "mean over steps"  # the step dropdown's first option; its value is MEAN_VALUE
+MEAN_VALUE = "mean"  # a real option value: ipywidgets shows a None value as nothing selected
 STATIC_ENV = "SEGMOE_LAB_STATIC"  # "1": always static plots; "0": always widgets
 
 
@@ -82,9 +88,11 @@ class GateExplorer:
             "prompt": w.Dropdown(options=[(plots.shorten(f"{i}: {p}", 60), int(i))
                                           for i, p in zip(prompts.prompt_index, prompts.prompt)],
                                  value=prompt, description="prompt", layout=layout),
-            "step": w.Dropdown(options=[(MEAN, None)] + [(str(s), int(s)) for s in steps], value=None, description="step"),
+            "step": w.Dropdown(options=[(MEAN, MEAN_VALUE)] + [(str(s), int(s)) for s in steps], value=MEAN_VALUE,
+                               description="step"),
             "kind": w.Dropdown(options=[ALL_KINDS] + kinds, value=ALL_KINDS, description="layer kind"),
-            "site": w.Dropdown(options=self._site_options(ALL_KINDS), description="site"),
+            "site": w.Dropdown(options=self._site_options(ALL_KINDS), value=self._site_options(ALL_KINDS)[0],
+                               description="site"),
             "value": w.Dropdown(options=list(plots.VALUES), value="prob_mean", description="value"),
         }
         if site is not None:
@@ -93,6 +101,7 @@ class GateExplorer:
         self.figures: dict = {}
         self.updates = 0
         self._quiet = False
+        self._snapshot = None  # the display handle of the static snapshot, once displayed
         for name, control in self.controls.items():
             control.observe(self._on_change, names="value")
         self.widget = w.VBox([
@@ -127,6 +136,7 @@ class GateExplorer:
     def build_figures(self) -> dict:
         """The figures for the current control values (not displayed)."""
         c = {name: control.value for name, control in self.controls.items()}
+        c["step"] = None if c["step"] == MEAN_VALUE else c["step"]
         kind = None if c["kind"] == ALL_KINDS else c["kind"]
         figs = {"heatmap": plots.site_heatmap(self.frame, c["prompt"], step=c["step"], value=c["value"], kind=kind),
                 "steps": plots.step_heatmap(self.frame, c["site"], c["prompt"], value=c["value"]),
@@ -149,7 +159,7 @@ class GateExplorer:
         return figs
 
     def update(self) -> None:
-        """Redraw every panel from the current control values."""
+        """Redraw every panel from the current control values, and the static snapshot beside them."""
         from IPython.display import display
 
         self.figures = self.build_figures()
@@ -162,11 +172,55 @@ class GateExplorer:
                     display(fig)
                 elif name == "map":
                     print("no routing map: pick a site with image tokens, or record with spatial=True")
+        if self._snapshot is not None:
+            self._snapshot.update(self.snapshot())
+
+    def snapshot(self):
+        """The current view as one static image (heatmap, image, routing map, steps side by side)."""
+        from IPython.display import Image
+
+        return Image(data=snapshot_png(self.figures, _describe(self.controls)), format="png")
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         display(self.widget)
+        self._snapshot = display(self.snapshot(), display_id=True)  # stays in the saved notebook
+
+
+def _describe(controls: dict) -> str:
+    values = {name: c.label if hasattr(c, "label") and c.label is not None else c.value for name, c in controls.items()}
+    return ("Static view of the explorer, for static viewers and reopened notebooks (the live widget is above): "
+            f"{'; '.join(f'{k} = {v}' for k, v in values.items())}")
+
+
+def snapshot_png(figures: dict, caption: str = "", dpi: int = 60) -> bytes:
+    """The explorer's panels (``heatmap``, ``image``, ``map``, ``steps``; None ones skipped) side by
+    side in one PNG under ``caption``, tops aligned."""
+    import io
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    panels = []
+    for name in ("heatmap", "image", "map", "steps"):
+        fig = figures.get(name)
+        if fig is not None:
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+            panels.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    font = ImageFont.load_default(size=12)
+    lines = textwrap.wrap(caption, max(40, sum(p.width for p in panels) // 7)) if caption else []
+    head = 16 * len(lines) + (8 if lines else 0)
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + 10 * len(panels), head + max(p.height for p in panels)), "white")
+    ImageDraw.Draw(canvas).multiline_text((6, 4), "\n".join(lines), fill="dimgray", font=font, spacing=4)
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, head))
+        x += panel.width + 10
+    out = io.BytesIO()
+    canvas.save(out, format="png", optimize=True)
+    return out.getvalue()
 
 
 def static_figures(recording, images: Optional[Sequence] = None, prompts: Optional[Sequence[int]] = None,
