@@ -9,7 +9,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.segmoe-lab-installed
 BROWSER ?= /usr/bin/chromium
 
-.PHONY: test demo venv
+.PHONY: test demo venv browser
 
 venv: $(STAMP)
 
@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install -c constraints.txt -e '.[dev,notebooks]'
 	touch $@
 
-# One thread per process: two pytest-xdist workers share the 2 cores. The JupyterLab browser test
-# (tests/test_browser.py) needs Debian's chromium at $(BROWSER) (.ci/run installs it); without it
-# that test is skipped, and this says so before and after the run (-rs lists skip reasons).
-test: $(STAMP)
-	@test -x $(BROWSER) || echo "NOTE: no browser at $(BROWSER): the JupyterLab browser test will be skipped (apt-get install chromium)"
+# The JupyterLab browser test (tests/test_browser.py) drives Debian's chromium at $(BROWSER) through
+# playwright (its own browser download cannot work offline). Installed once where apt-get runs as
+# root; elsewhere the test is skipped, and `make test` says so before and after the run (-rs).
+browser:
+	@test -x $(BROWSER) || { if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "NOTE: no browser at $(BROWSER) and no root apt-get: the JupyterLab browser test will be skipped"; fi; }
+
+# One thread per process: two pytest-xdist workers share the 2 cores.
+test: $(STAMP) browser
 	SEGMOE_LAB_BROWSER=$(BROWSER) OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -rs -n 2 tests
 
 # One torch thread: the toy models are tiny, and on 2 cores the demo took 4:19 with one thread
