@@ -2,10 +2,13 @@
 
 segmoe's gates decide site by site from what each site sees; the image-token sites see mostly
 shared content, and the cross-attention k/v sites see the text *with its padding* and follow content
-words. The prompt router makes **one decision per sample for every site**: it pools the prompt's
-text embedding (over its real tokens, ``gate.router_pool: real``; or over all positions, ``mean``)
-and scores it with a discriminant (:func:`~segmoe_lab.merge.gating.fit_discriminant`) fitted on
-each expert's positive prompts. Every MoE layer's gate (a :class:`Gate`) then returns the router's
+words. The prompt router makes **one decision per sample for every site**: it pools the prompt's text embedding (over all positions, ``gate.router_pool: mean``, the default;
+or over its real tokens only, ``real``) and scores it with a discriminant (:func:`~segmoe_lab.merge.gating.fit_discriminant`) fitted on
+each expert's positive prompts. (Mask-aware pooling is the intuitive choice but measured worse on
+the toy world, dev seed 3031: 0.84-0.93 routing accuracy against 1.0 for the mean over all 32
+positions; CLIP's causal attention makes every position after the end-of-text token a summary of
+the whole prompt, while the real tokens weigh content words as much as the style word.)
+Every MoE layer's gate (a :class:`Gate`) then returns the router's
 logits instead of its own. With ``moe_extra: [all]``, ``include_mid: true`` and top-1 this is the
 **whole-UNet switch**: each sample runs exactly its chosen expert's full UNet.
 
