@@ -87,7 +87,8 @@ class PromptRouter(nn.Module):
         self._calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # recent text-encoder outputs, token counts
 
     def score(self, emb: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return pool_text(emb, counts, self.pool) @ self.weight.T.to(emb.device) + self.bias.to(emb.device)
+        # in float32 whatever the pipeline's dtype: the decision must not depend on it
+        return pool_text(emb, counts, self.pool) @ self.weight.float().T.to(emb.device) + self.bias.float().to(emb.device)
 
     # --- hooks ---------------------------------------------------------------------------
     def _record(self, module, args, kwargs, output) -> None:
