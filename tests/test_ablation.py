@@ -31,3 +31,12 @@ def test_routing_accuracy_is_per_kind_with_its_worst_site():
     labels = np.array([0, 1, 2, 0])
     choices = {("a", "ff"): np.array([0, 1, 2, 0]), ("b", "ff"): np.array([0, 1, 1, 1])}
     assert ablation.routing_accuracy(choices, labels) == {"ff": (0.75, 0.5)}
+
+
+def test_the_cli_offers_the_ablation():
+    from typer.testing import CliRunner
+
+    from segmoe_lab.cli import app
+
+    result = CliRunner().invoke(app, ["toy", "ablation", "--help"])
+    assert result.exit_code == 0 and "held-out" in result.output
