@@ -6,6 +6,9 @@ Every construction in :data:`GATE_INITS` (the config's ``init``) has one signatu
 positive/negative prompt, the input of every MoE site is captured, reduced to one vector and
 L2-normalised; row ``i`` of a site's gate is expert ``i``'s vector, so the gate scores a token
 by its similarity to what each expert saw for its prompt.
+With a list of positive prompts per expert, ``hidden`` averages over the list; ``discriminant``
+fits an LDA-style gate (a weight and a per-expert bias) on every prompt's captured input, which
+ignores what all experts share (a cosine to raw prototypes does not).
 
 Example::
 
