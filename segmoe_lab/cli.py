@@ -325,6 +325,17 @@ def toy_quality(n: int = typer.Option(200, min=1, help="generated prompts per do
     quality_main(n=n, steps=steps, out=out, weights=weights)
 
 
+@toy_app.command("ablation")
+@friendly_errors
+def toy_ablation(n: int = typer.Option(40, help="held-out prompts per domain"),
+                 seed: int = typer.Option(2027, help="the held-out stream (not the prompt set's nor any gate prompt's)"),
+                 out: Optional[str] = typer.Option(None, "--out", help="write the rows as CSV here")):
+    """How much of the experts' gain merges keep: site oracle by layer kind and the merge presets, held out."""
+    from segmoe_lab.toy.ablation import main as ablation_main
+
+    ablation_main(n=n, seed=seed, out=out)
+
+
 def main():  # pragma: no cover - console entry point
     app()
 

@@ -45,7 +45,7 @@ BAD_CONFIGS = [
     ("top-k-above-experts", _with("num_experts_per_tok: 3\n"), ["num_experts_per_tok", "is 3", "only 2 experts"]),
     ("moe-layers-unknown", _with("moe_layers: attention\n"), ["moe_layers", "'attention'", "'ff', 'attn' or 'all'"]),
     ("type-unknown", GOOD.replace("type: sd", "type: sd3"), ["type", "'sd3'", "'sd' or 'sdxl'"]),
-    ("init-unknown", _with("init: zeros\n"), ["init", "'zeros'", "['hidden', 'random', 'uniform']"]),
+    ("init-unknown", _with("init: zeros\n"), ["init", "'zeros'", "['discriminant', 'hidden', 'random', 'uniform']"]),
     ("routing-unknown", _with("routing: topk\n"), ["routing", "'topk'", "'per_token'"]),
     ("scheduler-unknown", _with("scheduler: dpm++\n"), ["scheduler", "'dpm++'", "'euler_a'"]),
     ("dtype-unknown", _with("dtype: fp16\n"), ["dtype", "'fp16'", "'float16'"]),

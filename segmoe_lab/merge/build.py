@@ -41,7 +41,9 @@ from segmoe_lab.merge.gating import (
     get_gate_init,
     warn_degenerate,
 )
+from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
 from segmoe_lab.merge.moe import moe_layer
+from segmoe_lab.merge.prompt_router import Gate, attach_router, fit_router, pipeline_text_encode
 from segmoe_lab.errors import SegMoELabError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +63,10 @@ class ExpertSpec:
     positive: str
     negative: str
     loras: list[LoraConfig] = field(default_factory=list)
+    positives: list[str] = field(default_factory=list)  # every positive prompt (a list in the config); [positive] if one
+
+    def __post_init__(self):
+        self.positives = self.positives or [self.positive]
 
 
 def expert_specs(cfg: MergeConfig) -> list[ExpertSpec]:
@@ -73,9 +79,10 @@ def expert_specs(cfg: MergeConfig) -> list[ExpertSpec]:
     if cfg.experts:
         specs = []
         for e in cfg.experts:
-            pos = " ".join([e.positive_prompt] + [lora.positive_prompt for lora in e.loras if lora.positive_prompt])
+            extra = [lora.positive_prompt for lora in e.loras if lora.positive_prompt]
+            positives = [" ".join([p] + extra) for p in e.prompts]
             neg = " ".join([e.negative_prompt] + [lora.negative_prompt for lora in e.loras if lora.negative_prompt])
-            specs.append(ExpertSpec(e.source_model, pos, neg, list(e.loras)))
+            specs.append(ExpertSpec(e.source_model, positives[0], neg, list(e.loras), positives))
         return specs
     n = cfg.num_experts
     groups: list[list[LoraConfig]] = [[] for _ in range(n)]
@@ -235,7 +242,9 @@ class _Builder:
         self.pipe = pipe
         self.shapes = {k: v.shape for k, v in pipe.unet.state_dict().items()}
         self.sites = find_sites(pipe.unet, self.cfg.moe_layers, self.cfg.include_mid)
-        self.prefixes = site_prefixes(self.sites)
+        # extra layer kinds (merge.kinds): read, captured and gated like segmoe's sites, built as SampleMoE
+        self.extra = find_extra_sites(pipe.unet, self.cfg.moe_extra)
+        self.prefixes = site_prefixes([*self.sites, *self.extra])
         # only needed when an expert must be swapped into the UNet and the base has no file to reread
         self._base_copy = None
 
@@ -253,7 +262,7 @@ class _Builder:
             names = [k for k in self.shapes if k.startswith(self.prefixes)]
             state = sources.read_unet_tensors(res, self.cfg.type, dict(unet.config), names=names)
             return {s.path: {k[len(s.path) + 1:]: state[k].to(self.dtype) for k in names if k.startswith(s.path + ".")}
-                    for s in self.sites}, None
+                    for s in (*self.sites, *self.extra)}, None
         if self.base_fused and self._base_copy is None:
             self._base_copy = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
         _load_unet_weights(res, self.cfg.type, unet, what, self.shapes)  # streamed: no second UNet in memory
@@ -262,8 +271,10 @@ class _Builder:
             fuse_loras(self.pipe, spec.loras, what)
         hidden = None
         if self.gate_init.needs_capture:
-            hidden = capture_hidden(self.pipe, self.sites, spec.positive, spec.negative, self.cfg.gate, seed=self.cfg.seed)
-        return {s.path: _site_tensors(unet, s) for s in self.sites}, hidden
+            # one generation per positive prompt (a single prompt: exactly segmoe's capture)
+            hidden = [capture_hidden(self.pipe, [*self.sites, *self.extra], p, spec.negative, self.cfg.gate, seed=self.cfg.seed)
+                      for p in spec.positives]
+        return {s.path: _site_tensors(unet, s) for s in (*self.sites, *self.extra)}, hidden
 
     def restore_base(self) -> None:
         """Put the base's own (non-site) UNet tensors back after experts were swapped in."""
@@ -277,7 +288,7 @@ class _Builder:
         self.swapped = False
         self.load_base()
         specs = expert_specs(self.cfg)
-        per_site: dict[str, dict[str, torch.Tensor]] = {s.path: {} for s in self.sites}  # name -> (E, ...) stack
+        per_site: dict[str, dict[str, torch.Tensor]] = {s.path: {} for s in (*self.sites, *self.extra)}  # name -> (E, ...) stack
         hidden = []
         with self._scheduler_for_gates():
             for i, spec in enumerate(tqdm(specs, desc="experts", disable=not self.progress)):
@@ -289,18 +300,27 @@ class _Builder:
                     hidden.append(rows)
         if self.swapped:
             self.restore_base()
-        ctx = GateContext(self.sites, len(specs), hidden or None, seed=self.cfg.seed, dtype=self.dtype)
+        means = [{p: torch.stack([h[p] for h in rows]).mean(0) for p in rows[0]} for rows in hidden] if hidden else None
+        ctx = GateContext([*self.sites, *self.extra], len(specs), means, seed=self.cfg.seed, dtype=self.dtype,
+                          samples=hidden or None, shrinkage=self.cfg.gate.shrinkage)
         gates = self.gate_init(ctx)
         unet = self.pipe.unet
-        for s in tqdm(self.sites, desc="MoE sites", disable=not self.progress):
+        for s in tqdm([*self.sites, *self.extra], desc="MoE sites", disable=not self.progress):
             base_site = get_module(unet, s.path)
             stacks = per_site.pop(s.path)
             experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
-            gate = nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype)
+            rows, bias = gates[s.path] if isinstance(gates[s.path], tuple) else (gates[s.path], None)
+            # a bias cannot fold into segmoe's bias-free gate: Gate keeps it as an offset saved beside
+            gate = (Gate(s.in_features, len(specs), bias, device=self.device, dtype=self.dtype) if bias is not None
+                    else nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype))
             with torch.no_grad():
-                gate.weight.copy_(gates[s.path])
-            layer = moe_layer(experts, self.cfg, gate)
-            set_module(unet, s.path, layer.to(self.device))
+                gate.weight.copy_(rows)
+            make = moe_layer if isinstance(s, Site) else extra_layer
+            set_module(unet, s.path, make(experts, self.cfg, gate).to(self.device))
+        if self.cfg.router == "prompt":
+            router = fit_router(pipeline_text_encode(self.pipe), [spec.positives for spec in specs],
+                                self.cfg.gate.shrinkage, self.cfg.gate.router_pool)
+            attach_router(self.pipe, router)
         self.pipe.scheduler = make_scheduler(self.cfg.scheduler, self.pipe.scheduler)
         return self.pipe
 
@@ -349,6 +369,7 @@ def build_merge(config, *, device: str = "cpu", torch_dtype: Optional[torch.dtyp
     dtype = torch_dtype or DTYPES[cfg.dtype]
     with torch.no_grad():
         pipe = _Builder(cfg, device, dtype, progress).run()
-    warn_degenerate(gate_report(pipe.unet))
+    if cfg.router == "none":  # under a prompt router the site gates decide nothing
+        warn_degenerate(gate_report(pipe.unet))
     pipe.segmoe_config = cfg
     return pipe

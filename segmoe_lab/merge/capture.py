@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -10,20 +10,26 @@ from segmoe_lab.merge.config import GateOptions
 from segmoe_lab.merge.discovery import Site, get_module
 
 
-def _reduce(h: torch.Tensor, how: str) -> torch.Tensor:
-    # h: (B, T, C) -> (B, C)
-    h = h.reshape(h.shape[0], -1, h.shape[-1])
-    return h.mean(dim=1) if how == "mean" else h[:, -1]
+def _reduce(h: torch.Tensor, how: str, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # h: (B, T, C) -> (B, C); a convolution's or norm's (B, C, H, W) input: its H*W positions are the tokens
+    h = h.flatten(2).transpose(1, 2) if h.dim() == 4 else h.reshape(h.shape[0], -1, h.shape[-1])
+    if how == "real" and counts is not None and len(counts) == h.shape[0]:
+        from segmoe_lab.merge.prompt_router import pool_text
+
+        return pool_text(h, counts, "real")
+    return h[:, -1] if how == "last" else h.mean(dim=1)
 
 
 @contextmanager
-def _capture_inputs(unet, sites: Sequence[Site], how: str, keep: str) -> Iterator[dict]:
-    """Hook every site; store its reduced input per call: the last one or the running sum."""
+def _capture_inputs(unet, sites: Sequence[Site], how: str, keep: str, counts: Optional[torch.Tensor] = None) -> Iterator[dict]:
+    """Hook every site; store its reduced input per call: the last one or the running sum.
+    ``counts``: real tokens per batch row, used by ``how="real"`` at cross-attention k/v sites."""
     store: dict[str, list] = {}
+    kv = {s.path for s in sites if s.is_cross_kv}
 
     def make_hook(path):
         def hook(module, args, output):
-            r = _reduce(args[0].detach(), how).float()  # (B, C)
+            r = _reduce(args[0].detach(), how, counts if path in kv else None).float()  # (B, C)
             if keep == "last" or path not in store:
                 store[path] = [r, 1]
             else:
@@ -59,7 +65,14 @@ def capture_hidden(pipe, sites: Sequence[Site], positive: str, negative: str, op
     if options.width:
         kwargs["width"] = options.width
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with _capture_inputs(pipe.unet, sites, options.reduce, "last" if exact else "sum") as store:
+    counts = None
+    if options.reduce == "real":  # real tokens of [negative, positive], the guidance batch's order
+        from segmoe_lab.merge.prompt_router import pipeline_text_encode
+
+        _, both = pipeline_text_encode(pipe)([negative or "", positive])
+        guided = (options.guidance_scale if options.guidance_scale is not None else 7.5) > 1
+        counts = both if guided else both[1:]
+    with _capture_inputs(pipe.unet, sites, options.reduce, "last" if exact else "sum", counts) as store:
         pipe(positive, generator=generator, **kwargs)
     rows = {}
     for s in sites:

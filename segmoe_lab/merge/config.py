@@ -39,7 +39,11 @@ ModelType = Literal["sd", "sdxl"]
 DTypeName = Literal["float32", "float16", "bfloat16"]
 SchedulerName = Literal["ddpm", "ddim", "euler", "euler_a", "dpm", "lms", "pndm", "unipc", "keep"]
 GateMethod = Literal["exact", "fast"]
-TokenReduce = Literal["mean", "last"]
+TokenReduce = Literal["mean", "last", "real"]
+# extra layer kinds a merge may route (merge.kinds.EXTRA_KINDS; "all": every one of them)
+ExtraKind = Literal["resnet", "proj", "attn_out", "norm", "time", "io", "all"]
+RouterName = Literal["none", "prompt"]
+TextPool = Literal["mean", "real"]
 NegativeMode = Literal["cfg", "subtract"]
 
 # Keys segmoe adds to the config it stores in unet/config.json["segmoe_config"]; they describe
@@ -61,10 +65,27 @@ class LoraConfig(_Strict):
 
 
 class ExpertConfig(_Strict):
-    """One expert: a fine-tune of the base, and the prompts its gate rows are made from."""
+    """One expert: a fine-tune of the base, and the prompts its gate rows are made from.
+
+    ``positive_prompt`` may be a list (as in mergekit-moe): prompts that vary the content and keep
+    what the expert is for; captured site inputs are averaged over the list (``hidden``) or fitted
+    on (``discriminant``), and the prompt router learns from all of them.
+    """
 
     source_model: str = Field(min_length=1)
-    positive_prompt: str = ""
+    positive_prompt: Union[str, list[str]] = ""
+
+    @field_validator("positive_prompt")
+    @classmethod
+    def _prompt_list(cls, value):
+        if isinstance(value, list) and (not value or not all(isinstance(p, str) and p for p in value)):
+            raise ValueError(f"positive_prompt: a list must hold at least one non-empty prompt (got {value!r})")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        """The positive prompts as a list (one item for segmoe's single string)."""
+        return list(self.positive_prompt) if isinstance(self.positive_prompt, list) else [self.positive_prompt]
     negative_prompt: str = ""
     loras: list[LoraConfig] = Field(default_factory=list)
 
@@ -81,7 +102,9 @@ class GateOptions(_Strict):
     """
 
     method: GateMethod = "exact"
-    reduce: TokenReduce = "mean"
+    reduce: TokenReduce = "mean"  # "real": cross-attention k/v sites average their real tokens only (no padding)
+    shrinkage: float = Field(0.5, ge=0, le=1)  # discriminant gates: covariance shrunk this far towards a scaled identity
+    router_pool: TextPool = "mean"  # prompt router: all positions (mean, padding included) or real tokens only (real)
     negative: NegativeMode = "cfg"
     steps: int = Field(25, ge=1)
     probe_steps: int = Field(3, ge=1)
@@ -109,6 +132,11 @@ class MergeConfig(_Strict):
     dtype: DTypeName = "float32"
     include_mid: bool = False
     seed: int = 0
+    # MoE beyond attention and feed-forward (merge.kinds): extra layer kinds, each routed per sample
+    moe_extra: list[ExtraKind] = Field(default_factory=list)
+    # "prompt": one decision per sample for every site, from the prompt's text embedding (merge.prompt_router);
+    # pair it with routing: per_sample (a batch-scope routing such as segmoe sums the samples' router logits)
+    router: RouterName = "none"
 
     @field_validator("routing", "init")
     @classmethod
@@ -173,6 +201,9 @@ class MergeConfig(_Strict):
         if "init" not in self.model_fields_set:  # segmoe copies only the keys a YAML gives; its default is hidden
             d.pop("init")
         d["experts"] = [e.model_dump(exclude={"loras"} if not e.loras else None) for e in self.experts]
+        for e in d["experts"]:  # segmoe reads one prompt string; the full list stays in segmoe_lab_config
+            if isinstance(e["positive_prompt"], list):
+                e["positive_prompt"] = e["positive_prompt"][0]
         if self.loras:
             d["loras"] = [lora.model_dump() for lora in self.loras]
         return d
@@ -224,9 +255,12 @@ def summarize(cfg: MergeConfig) -> str:
         f"(gate: {cfg.gate.method}, reduce={cfg.gate.reduce}, negative={cfg.gate.negative})",
         f"  scheduler={cfg.scheduler} dtype={cfg.dtype} include_mid={cfg.include_mid}",
     ]
+    if cfg.moe_extra or cfg.router != "none":
+        lines.append(f"  moe_extra={cfg.moe_extra} router={cfg.router} (beyond segmoe: saved beside its files)")
     for i, e in enumerate(cfg.experts):
         lora = f" + {len(e.loras)} LoRA(s)" if e.loras else ""
-        lines.append(f"  expert {i}: {e.source_model}{lora}  [+] {e.positive_prompt[:60]!r}")
+        more = f" (+{len(e.prompts) - 1} more)" if len(e.prompts) > 1 else ""
+        lines.append(f"  expert {i}: {e.source_model}{lora}  [+] {e.prompts[0][:60]!r}{more}")
     for lora in cfg.loras:
         lines.append(f"  top-level LoRA: {lora.source_model}")
     return "\n".join(lines)

@@ -153,7 +153,13 @@ def meta_merge(unet_config: dict, cfg: MergeConfig):
         for s in sites:
             site = get_module(unet, s.path)
             set_module(unet, s.path, moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
-    return base, unet, sites
+        from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
+
+        extra = find_extra_sites(unet, cfg.moe_extra)  # moe_extra's kinds cost E copies of their layers too
+        for s in extra:
+            site = get_module(unet, s.path)
+            set_module(unet, s.path, extra_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
+    return base, unet, [*sites, *extra]
 
 
 def _text_encoder_params(configs: dict[str, dict]) -> int:
@@ -202,9 +208,15 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
     import torch
 
     offload = resident_bytes_plan(unet, dtype=torch.float32)["total"] // 4  # bytes at 4 per parameter
-    active = merged - sum((layer.num_experts - layer.top_k) * _params(layer.experts[0]) for _, layer in iter_moe_layers(unet))
+    from segmoe_lab.merge.kinds import iter_extra_layers
+
+    layers = [*iter_moe_layers(unet), *iter_extra_layers(unet)]
+    active = merged - sum((layer.num_experts - layer.top_k) * _params(layer.experts[0]) for _, layer in layers)
+    extra_params = sum(_params(layer) for _, layer in iter_extra_layers(unet))
+    # (expert offload streams only segmoe's sites: extra kinds are counted resident in offload_unet)
     title = (f"{cfg.num_experts}x{cfg.num_experts_per_tok} {cfg.type} merge of {cfg.base_model}, "
-             f"moe_layers={cfg.moe_layers}{', include_mid' if cfg.include_mid else ''}")
+             f"moe_layers={cfg.moe_layers}{', include_mid' if cfg.include_mid else ''}"
+             f"{f', moe_extra={cfg.moe_extra} ({extra_params / 1e6:.2f} M params in extra kinds)' if cfg.moe_extra else ''}")
     return Estimate(title, configs.source, len(sites), cfg.num_experts, min(cfg.num_experts_per_tok, cfg.num_experts),
                     base, merged, active, offload,
                     _text_encoder_params(configs.text_encoders) if configs.text_encoders else None,

@@ -6,6 +6,9 @@ Every construction in :data:`GATE_INITS` (the config's ``init``) has one signatu
 positive/negative prompt, the input of every MoE site is captured, reduced to one vector and
 L2-normalised; row ``i`` of a site's gate is expert ``i``'s vector, so the gate scores a token
 by its similarity to what each expert saw for its prompt.
+With a list of positive prompts per expert, ``hidden`` averages over the list; ``discriminant``
+fits an LDA-style gate (a weight and a per-expert bias) on every prompt's captured input, which
+ignores what all experts share (a cosine to raw prototypes does not).
 
 Example::
 
@@ -44,7 +47,10 @@ class GateContext:
         sites (`Sequence[Site]`): the MoE sites, in order.
         num_experts (`int`): rows per gate.
         hidden (`list[dict]`, *optional*): per expert, ``{site.path: Tensor[hidden]}`` from
-            :func:`capture_hidden`; only the ``hidden`` initialiser needs it.
+            :func:`capture_hidden` (averaged over the expert's prompts when it has a list).
+        samples (`list[list[dict]]`, *optional*): per expert, one such dict per positive prompt
+            (what ``discriminant`` fits on).
+        shrinkage (`float`, *optional*, defaults to 0.5): for ``discriminant``.
         seed (`int`, *optional*, defaults to 0): for ``random``.
         dtype (`torch.dtype`, *optional*, defaults to float32).
     """
@@ -54,12 +60,16 @@ class GateContext:
     hidden: Optional[list[dict[str, torch.Tensor]]] = None
     seed: int = 0
     dtype: torch.dtype = torch.float32
+    samples: Optional[list[list[dict[str, torch.Tensor]]]] = None
+    shrinkage: float = 0.5
 
 
 def _normalise(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
 
 
+# An initialiser returns, per site, the gate's [E, hidden] rows, or (rows, per-expert bias [E]) where a
+# bias is needed: a bias cannot fold into segmoe's bias-free gate, so the merge saves it beside.
 GateInit = Callable[[GateContext], dict[str, torch.Tensor]]
 
 
@@ -121,6 +131,51 @@ def init_uniform(ctx: GateContext) -> dict[str, torch.Tensor]:
     to the number of experts the merge averages the experts' site outputs (ties in top-k go to
     the lowest expert indices)."""
     return {s.path: torch.zeros(ctx.num_experts, s.in_features, dtype=ctx.dtype) for s in ctx.sites}
+
+
+def fit_discriminant(groups: Sequence[torch.Tensor], shrinkage: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """LDA with shrinkage: ``(W [E, D], b [E])`` such that ``x @ W.T + b`` scores class membership.
+
+    ``groups[e]`` is ``(n_e, D)``: expert e's samples. With ``mu`` the mean of the class means, the
+    score is ``(x - mu)^T S^-1 (mu_e - mu) - 1/2 (mu_e - mu)^T S^-1 (mu_e - mu)`` where ``S`` is the
+    pooled within-class covariance shrunk towards ``tr(S)/D * I`` (identity alone when every expert
+    has one sample: nearest prototype after subtracting the shared mean). A component shared by all
+    experts (or varying within each) gets no weight, which a cosine to raw prototypes cannot do.
+    Rows are scaled to unit mean norm (top-1 decisions don't depend on the scale).
+    """
+    groups = [g.float().reshape(-1, g.shape[-1]) for g in groups]
+    means = torch.stack([g.mean(0) for g in groups])  # (E, D)
+    mu = means.mean(0)
+    resid = torch.cat([g - m for g, m in zip(groups, means)])
+    dim = means.shape[1]
+    scale = means.sub(mu).pow(2).sum(1).mean().clamp(min=1e-12) / dim
+    if resid.shape[0] > len(groups):
+        cov = resid.T @ resid / (resid.shape[0] - len(groups))
+        scale = (torch.trace(cov) / dim).clamp(min=1e-12)
+        cov = (1 - shrinkage) * cov + shrinkage * scale * torch.eye(dim)
+    else:
+        cov = scale * torch.eye(dim)
+    diff = means - mu  # (E, D)
+    w = torch.linalg.solve(cov, diff.T).T  # (E, D)
+    b = -(w * mu).sum(1) - 0.5 * (w * diff).sum(1)
+    norm = w.norm(dim=1).mean().clamp(min=1e-12)
+    return w / norm, b / norm
+
+
+@gate_init("discriminant", needs_capture=True)
+def init_discriminant(ctx: GateContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site, an LDA-style gate fitted on the captured inputs of every expert's prompts
+    (:func:`fit_discriminant`): a weight and a per-expert bias (saved beside segmoe's gate). Needs
+    several prompts per expert to estimate the within-expert spread; with one it is the nearest
+    prototype after subtracting the experts' shared mean."""
+    samples = ctx.samples or ([[h] for h in ctx.hidden] if ctx.hidden else None)
+    if not samples or len(samples) != ctx.num_experts:
+        raise ValueError("init='discriminant' needs captured site inputs for every expert's prompts (see capture_hidden)")
+    out = {}
+    for s in ctx.sites:
+        w, b = fit_discriminant([torch.stack([d[s.path] for d in per]) for per in samples], ctx.shrinkage)
+        out[s.path] = (w.to(ctx.dtype), b.to(ctx.dtype))
+    return out
 
 
 def get_gate_init(name: str) -> GateConstruction:

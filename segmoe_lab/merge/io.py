@@ -8,6 +8,13 @@ the block ranges ``down_idx_start`` ... ``up_idx_end``) and whose
 (``<site>.gate.weight``, ``<site>.experts.<i>.<param>``). segmoe-lab adds
 ``segmoe_lab_config`` (our full config: routing, gate options, ...), which segmoe ignores.
 
+What segmoe's format cannot hold is saved beside it in ``unet/segmoe_lab_extras.safetensors``
+(:data:`EXTRAS_WEIGHTS`): the layers of extra kinds (``moe_extra``; segmoe's file gets the
+experts' *average* there under the plain layer names, so segmoe 0.0.4 still loads the folder and
+runs that average), gate biases (``<site>.gate.offset``) and the prompt router
+(``segmoe_router.*``). segmoe ignores that file; segmoe-lab refuses a folder whose config and
+extras file disagree.
+
 This module is the one definition of that format. Writes go to a hidden temporary folder that
 is renamed into place only when complete (:mod:`segmoe_lab.atomic`). A folder is checked
 against its own config before it loads: expert count, site list, tensor names and shapes.
@@ -29,11 +36,14 @@ from segmoe_lab.atomic import backup_path, disk_full, recover, replace_folder, t
 from segmoe_lab.errors import FolderError, format_problems
 from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
 from segmoe_lab.merge.discovery import block_name, find_sites, get_module, set_module
+from segmoe_lab.merge.kinds import extra_layer, find_extra_sites, iter_extra_layers
 from segmoe_lab.merge.moe import iter_moe_layers, moe_layer
+from segmoe_lab.merge.prompt_router import ROUTER_NAME, Gate, PromptRouter, attach_router
 from segmoe_lab.safe_load import load_json
 from segmoe_lab.sources.weightfile import open_weights, read_weights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+EXTRAS_WEIGHTS = "segmoe_lab_extras.safetensors"
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -136,7 +146,10 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
         ucfg["segmoe_config"] = segmoe_config_for(config, pipe.unet)
         ucfg["segmoe_lab_config"] = config.model_dump()
         (unet_dir / "config.json").write_text(json.dumps(ucfg, indent=2))
-        write_safetensors(unet_dir / UNET_WEIGHTS, pipe.unet.state_dict(), metadata={"format": "pt"})
+        segmoe_state, extras = split_extras(pipe.unet)
+        write_safetensors(unet_dir / UNET_WEIGHTS, segmoe_state, metadata={"format": "pt"})
+        if extras:
+            write_safetensors(unet_dir / EXTRAS_WEIGHTS, extras, metadata={"format": "pt"})
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         friendly = disk_full(err, path)
@@ -144,6 +157,39 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
             raise
         raise friendly from None
     return replace_folder(tmp, path)
+
+
+def split_extras(unet) -> tuple[dict, dict]:
+    """``(segmoe's tensors, the extras file's)`` of a merged UNet.
+
+    Extra-kind layers, gate offsets and the router go to the extras; segmoe's file gets each extra
+    layer's experts averaged under its plain names, so segmoe 0.0.4 can still build its UNet."""
+    state = unet.state_dict()
+    extra_paths = tuple(p + "." for p, _ in iter_extra_layers(unet))
+    main, extras = {}, {}
+    for k, v in state.items():
+        if k.startswith(extra_paths) or k.endswith(".gate.offset") or k.startswith(ROUTER_NAME + "."):
+            extras[k] = v
+        else:
+            main[k] = v
+    for path, layer in iter_extra_layers(unet):
+        for name, _ in layer.experts[0].named_parameters():
+            main[f"{path}.{name}"] = torch.stack([e.get_parameter(name).detach() for e in layer.experts]).mean(0)
+    return main, extras
+
+
+def _install_extras(unet, cfg: MergeConfig, extras: dict) -> None:
+    """Meta layers for what the extras file holds (called inside ``init_empty_weights``)."""
+    for s in find_extra_sites(unet, cfg.moe_extra):
+        base = get_module(unet, s.path)
+        set_module(unet, s.path, extra_layer([copy.deepcopy(base) for _ in range(cfg.num_experts)], cfg))
+    for k in extras:
+        if k.endswith(".gate.offset"):
+            layer = get_module(unet, k[: -len(".gate.offset")])
+            layer.gate = Gate.like(layer.gate, torch.zeros(layer.gate.out_features))
+    if f"{ROUTER_NAME}.weight" in extras:
+        setattr(unet, ROUTER_NAME, PromptRouter(torch.zeros_like(extras[f"{ROUTER_NAME}.weight"]),
+                                                torch.zeros_like(extras[f"{ROUTER_NAME}.bias"]), cfg.gate.router_pool))
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -214,6 +260,11 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
     if not sites:
         raise MergeFolderError(f"{weights} holds no MoE layers (no '<site>.gate.weight' tensors)")
     _check_experts(sites, cfg, weights)
+    extras_file = folder / "unet" / EXTRAS_WEIGHTS
+    extras = read_weights(extras_file) if extras_file.is_file() else {}
+    if (cfg.moe_extra or cfg.router != "none") and not extras:
+        raise MergeFolderError(f"{folder}: its config routes moe_extra={cfg.moe_extra} router={cfg.router} but "
+                               f"{extras_file} is missing; the merge was not saved completely")
     with init_empty_weights():
         try:
             unet = UNet2DConditionModel.from_config(ucfg)
@@ -224,8 +275,16 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
         for path, n in sites.items():
             base = get_module(unet, path)
             set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
+        _install_extras(unet, cfg, extras)
+    if extras:  # segmoe's averaged copies of the extra layers are only for segmoe
+        plain = tuple(p + "." for p, _ in iter_extra_layers(unet))
+        shapes = {k: s for k, s in shapes.items() if not k.startswith(plain)}
+        shapes.update({k: tuple(v.shape) for k, v in extras.items()})
     _check_shapes({k: tuple(v.shape) for k, v in unet.state_dict().items()}, shapes, weights)
     state = read_weights(weights)
+    if extras:
+        state = {k: v for k, v in state.items() if not k.startswith(plain)}
+        state.update(extras)
     unet.load_state_dict(state, assign=True)
     del state
     for _, layer in iter_moe_layers(unet):
@@ -300,5 +359,8 @@ def load_merge(folder: Union[str, Path], torch_dtype: torch.dtype = torch.float3
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
         raise MergeFolderError(f"{folder}: diffusers could not load the pipeline parts around the merged UNet "
                                f"({type(err).__name__}: {str(err)[:200]}); the folder is damaged, rebuild it") from None
+    router = getattr(unet, ROUTER_NAME, None)
+    if router is not None:
+        attach_router(pipe, router)
     pipe.segmoe_config = cfg
     return pipe, cfg

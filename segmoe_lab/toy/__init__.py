@@ -21,16 +21,31 @@ from typing import Any
 from .truth import check, find_objects
 from .world import DOMAINS, Scene, caption, render, sample_scene, sample_scenes
 
-__all__ = ["DOMAINS", "POSITIVE_PROMPTS", "Scene", "caption", "check", "clip_path", "expert_paths", "find_objects",
+__all__ = ["DOMAINS", "MERGE_PRESETS", "POSITIVE_PROMPTS", "SEGMOE_PROMPTS", "Scene", "caption", "check", "clip_path", "expert_paths", "find_objects",
            "load_base", "load_pipeline", "merge_config", "paths", "render", "sample_scene", "sample_scenes", "WEIGHTS"]
 
 WEIGHTS = Path(__file__).parent / "weights"
 
-# The gate prompts of each domain's expert: its style and its own concept.
-POSITIVE_PROMPTS = {
+# segmoe's gate prompts, one per expert: its style and its own concept (the ``segmoe`` preset).
+SEGMOE_PROMPTS = {
     "flat": "two blue triangles, flat style",
     "neon": "two pink circles, neon style",
     "mosaic": "two orange squares, mosaic style",
+}
+# The gate prompts of each domain's expert, as lists (mergekit-moe style): the content (shape,
+# colour, count, caption template) varies and the domain's style stays, half with its own concept,
+# so a gate fitted on them learns the domain rather than the content words of a single prompt.
+# Written by hand, not drawn from any evaluation stream.
+POSITIVE_PROMPTS = {
+    "flat": ["two blue triangles, flat style", "a red circle, flat style", "three green squares, flat style",
+             "a yellow triangle, flat style", "two red squares, flat style", "three blue circles, flat style",
+             "a flat picture of two green triangles", "a flat picture of a yellow square"],
+    "neon": ["two pink circles, neon style", "a red square, neon style", "three cyan circles, neon style",
+             "a green circle, neon style", "two cyan squares, neon style", "three yellow squares, neon style",
+             "a neon picture of a pink square", "a neon picture of two blue circles"],
+    "mosaic": ["two orange squares, mosaic style", "a blue circle, mosaic style", "three purple circles, mosaic style",
+               "a red square, mosaic style", "two purple squares, mosaic style", "three green circles, mosaic style",
+               "a mosaic picture of two orange circles", "a mosaic picture of a yellow square"],
 }
 
 
@@ -94,17 +109,51 @@ def merge_config(layout: str = "sd", **overrides: Any):
     """The toy merge (:class:`~segmoe_lab.merge.config.MergeConfig`) over the shipped base and domain
     experts, with absolute paths; ``overrides`` replace top-level fields (``num_experts_per_tok=2``).
 
+    ``preset="segmoe"`` gives segmoe 0.0.4's exact settings (one prompt per expert, ``hidden`` gates,
+    ``segmoe`` routing, attention and feed-forward only); ``prompts="lists"|"segmoe"`` picks the
+    gate prompts (lists by default, segmoe's single prompts under the segmoe preset).
+
     The same merge with repo-relative paths is ``experiments/toy.yaml``."""
     from segmoe_lab.merge.config import parse_config
 
     experts = expert_paths(layout)
     base = paths()["base" if layout == "sd" else "sdxl_base"]
+    overrides = dict(overrides)
+    presets = {"default": (DEFAULT_MERGE, "lists"), "segmoe": (SEGMOE_MERGE, "segmoe")}
+    prompt_sets = {"lists": POSITIVE_PROMPTS, "segmoe": SEGMOE_PROMPTS}
+    preset = overrides.pop("preset", "default")
+    if preset not in presets:
+        raise ValueError(f"preset={preset!r}: choose one of {sorted(presets)}")
+    settings, prompt_set = presets[preset]
+    prompts = prompt_sets[overrides.pop("prompts", prompt_set)]
     data = {"base_model": str(_existing(base)), "type": "sd" if layout == "sd" else "sdxl",
-            "num_experts": len(experts), **DEFAULT_MERGE,
-            "experts": [{"source_model": str(p), "positive_prompt": POSITIVE_PROMPTS[d]} for d, p in experts.items()]}
+            "num_experts": len(experts), **settings,
+            "experts": [{"source_model": str(p), "positive_prompt": prompts[d]} for d, p in experts.items()]}
     data.update(overrides)
     return parse_config(data, source="toy.merge_config()")
 
 
-# Settings of the toy merge besides its models (experiments/toy.yaml repeats them).
-DEFAULT_MERGE = {"moe_layers": "all", "num_experts_per_tok": 1, "scheduler": "ddim"}
+# Settings of the toy merge besides its models and prompts (experiments/toy.yaml repeats them);
+# chosen by the held-out ablation (segmoe_lab.toy.ablation, see the README's table).
+# The whole-UNet switch: every parameterised layer (segmoe's sites, the mid block and every extra kind)
+# follows one prompt-level decision per sample, so top-1 runs the chosen expert's own UNet. The site
+# gates (hidden, from the prompt lists) decide nothing under the router; they are what segmoe 0.0.4
+# reads when it loads a saved folder.
+DEFAULT_MERGE = {"moe_layers": "all", "include_mid": True, "moe_extra": ["all"], "router": "prompt",
+                 "routing": "per_sample", "init": "hidden", "gate": {"method": "fast"},
+                 "num_experts_per_tok": 1, "scheduler": "ddim"}
+# segmoe 0.0.4's own settings over the toy models: merge_config(preset="segmoe"), experiments/toy_segmoe.yaml
+SEGMOE_MERGE = {"moe_layers": "all", "num_experts_per_tok": 1, "scheduler": "ddim", "init": "hidden", "routing": "segmoe"}
+# Named merges compared by the ablation: overrides of merge_config (a "prompts" key picks the prompt lists).
+MERGE_PRESETS = {
+    "segmoe": {"preset": "segmoe"},
+    "hidden, prompt lists": {"preset": "segmoe", "prompts": "lists"},
+    "discriminant, lists, per_sample": {"init": "discriminant", "routing": "per_sample", "gate": {"method": "fast"}},
+    "prompt router (attn+ff)": {"init": "uniform", "router": "prompt", "routing": "per_sample"},
+    "prompt router + resnet, norm": {"init": "uniform", "router": "prompt", "routing": "per_sample",
+                                     "moe_extra": ["resnet", "norm"]},
+    "whole-UNet switch": {"init": "uniform", "router": "prompt", "routing": "per_sample", "moe_extra": ["all"],
+                          "include_mid": True},
+    "discriminant, lists, all kinds, per_sample": {"init": "discriminant", "routing": "per_sample",
+                                                   "gate": {"method": "fast"}, "moe_extra": ["all"], "include_mid": True},
+}
