@@ -19,7 +19,7 @@ from typing import Optional, Union
 import pandas as pd
 
 from segmoe_lab.judge import stats
-from segmoe_lab.judge.compare import Comparison, image_key
+from segmoe_lab.judge.compare import Comparison
 
 
 def grid(result: Comparison, seed: Optional[int] = None, prompts: Optional[list] = None, models: Optional[list] = None,
@@ -29,18 +29,25 @@ def grid(result: Comparison, seed: Optional[int] = None, prompts: Optional[list]
 
     seed = result.config.seeds[0] if seed is None else seed
     prompts = list(result.prompts.prompt) if prompts is None else list(prompts)
-    refs = [r for r in result.models if models is None or r.name in models]
+    # Columns are the table's models (oracle rows included); a model's image is found through the table,
+    # since an oracle row shows another model's image and a site oracle's merges each cover some prompts.
+    t = result.table[result.table.seed == seed].drop_duplicates(["model", "prompt"])
+    names = [m for m in dict.fromkeys(t.model) if models is None or m in models]
+    image_of = {(r.model, r.prompt): r.image for r in t.itertuples()}
     font, head = ImageFont.load_default(size=12), 22
-    canvas = Image.new("RGB", (label_width + cell * len(refs), head + cell * len(prompts)), "white")
+    canvas = Image.new("RGB", (label_width + cell * len(names), head + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"seed {seed}", fill="gray", font=font)
-    for j, ref in enumerate(refs):
-        draw.text((label_width + j * cell + 4, 4), ref.name, fill="black", font=font)
+    for j, name in enumerate(names):
+        draw.text((label_width + j * cell + 4, 4), name, fill="black", font=font)
     for i, prompt in enumerate(prompts):
         y = head + i * cell
         draw.multiline_text((4, y + 4), _wrap(prompt, label_width // 7), fill="black", font=font)
-        for j, ref in enumerate(refs):
-            im = result.cache.load(ref, image_key(prompt, seed, result.settings))
+        for j, name in enumerate(names):
+            if (name, prompt) not in image_of:
+                continue  # e.g. an oracle row for an unlabelled prompt
+            with Image.open(result.cache.root / image_of[name, prompt]) as im:
+                im = im.convert("RGB")
             method = Image.Resampling.LANCZOS if im.width > cell else Image.Resampling.NEAREST
             canvas.paste(ImageOps.pad(im, (cell, cell), method, color="white"), (label_width + j * cell, y))
     return canvas
