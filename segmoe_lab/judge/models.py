@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -115,7 +116,10 @@ class ModelLoader:
 
                 self.release()
                 what = (self.folder or self.cfg) if ref.kind == "merge" else MergeConfig.model_validate(ref.detail["config"])
-                self.pipe = SegMoEPipeline(what, device=self.device, torch_dtype=self.dtype, progress=False).pipe
+                with warnings.catch_warnings():
+                    if ref.kind == "variant":  # baselines' gates are degenerate by design (zeros, one row, random)
+                        warnings.filterwarnings("ignore", message=".*condition number.*")
+                    self.pipe = SegMoEPipeline(what, device=self.device, torch_dtype=self.dtype, progress=False).pipe
                 self.holds = ref.name
         else:
             self._plain(ref)

@@ -3,9 +3,10 @@
 All three read *top-1 decisions*: at one site, one denoising step and one prompt (the
 conditional half of guidance), the expert with the highest mean gate probability.
 
-* **Collapse** (:func:`collapsed_sites`): a site whose top-1 decisions over a prompt set go to one
-  expert at least :data:`COLLAPSE_SHARE` (90 %) of the time, or whose utilisation entropy is below
-  :data:`COLLAPSE_ENTROPY` (half the maximum, ``log E``; for 3 experts e.g. 85/15/0 is 0.39). A
+* **Collapse** (:func:`collapsed_sites`): a site that sends at least :data:`COLLAPSE_SHARE` (90 %)
+  of a prompt set to one expert (a prompt goes where most of its steps' top-1 decisions go), or
+  whose utilisation entropy over the prompts is below :data:`COLLAPSE_ENTROPY` (half the maximum,
+  ``log E``; for 3 experts e.g. 85/15/0 is 0.39, 80/20/0 0.46, 80/10/10 0.58). A
   collapsed site routes every prompt the same way, whatever its domain: it is a fixed choice of
   expert, not a router. Judge it on a prompt set balanced across the experts' domains.
 * **Routing accuracy** (:func:`routing_accuracy`): per site and per site kind, the share of top-1
@@ -57,21 +58,32 @@ def utilisation_entropy(shares: np.ndarray) -> float:
     p = np.asarray(shares, dtype=np.float64)
     p = p / p.sum() if p.sum() > 0 else np.full_like(p, 1 / len(p))
     h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0.0))
-    return float(h / np.log(len(p))) if len(p) > 1 else 1.0
+    return max(0.0, float(h / np.log(len(p)))) if len(p) > 1 else 1.0  # max: no -0.00
 
 
 def collapsed_sites(shares: pd.DataFrame, share: float = COLLAPSE_SHARE, entropy: float = COLLAPSE_ENTROPY) -> pd.DataFrame:
-    """Sites that send (nearly) everything to one expert.
+    """Sites that send (nearly) every prompt to one expert.
+
+    A site's decision for a prompt is the expert that won most of its top-1 decisions over the
+    denoising steps; a site is collapsed when one expert gets at least ``share`` of the prompts,
+    or when the entropy of its decisions over the experts is below ``entropy`` x ``log E``.
+    Judging per prompt, not per step, keeps a gate whose rows are nearly tied from passing as
+    healthy because step-to-step noise flips its choice.
 
     Args:
-        shares (`pd.DataFrame`): rows with ``label`` (the site), ``expert`` and ``top1`` (a share of
-            decisions), e.g. :func:`top1_shares` or a comparison's routing table; averaged per site.
+        shares (`pd.DataFrame`): rows with ``label`` (the site), ``expert``, ``top1`` (a share of
+            decisions) and the prompt (``prompt_index``, or ``prompt_id`` and ``seed`` for a
+            comparison's routing table), e.g. :func:`top1_shares`.
         share, entropy: the thresholds (:data:`COLLAPSE_SHARE`, :data:`COLLAPSE_ENTROPY`).
 
     Returns:
         One row per collapsed site: ``label``, ``top_expert``, ``top_share``, ``entropy``, ``why``.
     """
-    use = shares.groupby(["label", "expert"], sort=False, observed=True).top1.mean().unstack("expert", fill_value=0.0)
+    unit = [c for c in ("prompt_index", "prompt_id", "seed") if c in shares.columns]
+    n_experts = int(shares.expert.max()) + 1 if len(shares) else 1
+    won = shares.loc[shares.groupby([*unit, "label"], sort=False, observed=True).top1.idxmax(), ["label", "expert"]]
+    use = won.groupby(["label", "expert"], sort=False, observed=True).size().unstack("expert", fill_value=0)
+    use = use.reindex(columns=range(n_experts), fill_value=0)
     rows = []
     for label, u in use.iterrows():
         total = u.sum()
