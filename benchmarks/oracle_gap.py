@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="model_oracle,site_oracle,per_sample,uniform,random")
+    ap.add_argument("--models", default="merge,base",
+                    help="comparison models; the model oracle generates each expert on its own prompts only, "
+                         "so 'merge,base' skips the experts' off-domain images (add 'experts' for every expert row)")
     ap.add_argument("--cache", default=None, help="image cache (default: <out>/image_cache)")
     args = ap.parse_args(argv)
 
@@ -47,7 +50,7 @@ def main(argv=None) -> None:
     result = run_comparison(CompareConfig(
         merge=toy.merge_config(), prompts=args.prompts, n_prompts=args.n_prompts, seeds=[args.seed],
         sampling={"steps": args.steps, "guidance_scale": args.guidance}, scorers={"toy_truth": {}},
-        variants=[v for v in args.variants.split(",") if v],
+        models=args.models.split(","), variants=[v for v in args.variants.split(",") if v],
         references={"control": str(control)} if control.is_dir() else {},
         cache_dir=args.cache or str(out / "image_cache"), device="cpu", progress=True))
     elapsed = time.perf_counter() - t0
