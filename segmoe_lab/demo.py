@@ -166,9 +166,7 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
 
     _say(log, "4/4 writing the report")
     result.report(out)
-    oracle = result.oracle_table() if "model_oracle" in set(result.table.model) else None
-    if oracle is not None:
-        oracle.to_csv(out / "oracle_table.csv", index=False)
+    oracle = result.oracle_table() if "model_oracle" in set(result.table.model) else None  # report() wrote it too
     summary = stats.summary(result.table)
     paired = stats.paired(result.table)
     names = _model_names(cfg)

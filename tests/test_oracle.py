@@ -172,3 +172,16 @@ def test_unknown_variant_is_refused_with_the_choices(setup):
 def test_report_grid_shows_oracle_columns(labelled, tmp_path):
     image = labelled.grid()
     assert image.width == 220 + 128 * labelled.table.model.nunique()
+
+
+def test_routing_accuracy_per_site_covers_every_site_of_the_routed_models(labelled):
+    per_site = labelled.routing_accuracy(by=["label"], n_boot=100)
+    sites = labelled.routing().label.nunique()
+    assert per_site.groupby("model").size().to_dict() == {"merge": sites, "random": sites}
+
+
+def test_report_writes_the_oracle_table_and_routing_tables(labelled, tmp_path):
+    labelled.report(tmp_path, n_boot=100)
+    for name in ("oracle_table.csv", "routing_accuracy.csv", "routing_accuracy_by_site.csv", "utilisation.csv"):
+        assert (tmp_path / name).is_file(), name
+    assert "model_oracle" in pd.read_csv(tmp_path / "oracle_table.csv").model.tolist()

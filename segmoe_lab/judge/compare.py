@@ -208,6 +208,23 @@ class Comparison:
 
         return routing_table(self)
 
+    def routing_accuracy(self, by=(), **kwargs) -> pd.DataFrame:
+        """Share of top-1 gate decisions on each prompt's labelled expert, per routed model (x ``by``: ``"label"`` per
+        site, ``"group"`` per site kind), with a bootstrap CI over prompts (:func:`segmoe_lab.judge.routing.accuracy`)."""
+        from segmoe_lab.judge.routing import accuracy
+
+        table = self.routing()
+        if self.labels is None or self.labels.notna().sum() == 0 or table.empty:
+            return pd.DataFrame()
+        return accuracy(table[table.model.isin(self.routes)], self.labels, by=list(by), **kwargs)
+
+    def utilisation(self) -> pd.DataFrame:
+        """Per routed model x site x expert: its share of the routing's choices and of top-1 decisions."""
+        from segmoe_lab.judge.routing import utilisation
+
+        table = self.routing()
+        return utilisation(table) if not table.empty else pd.DataFrame()
+
     def image(self, model: str, prompt: str, seed: int):
         """The cached image of ``model`` for ``prompt`` and ``seed`` (PIL)."""
         ref = next(r for r in self.models if r.name == model)

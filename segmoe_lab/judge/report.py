@@ -1,7 +1,8 @@
 """What a comparison leaves behind: image grids, a scorer-agreement plot and a report folder.
 
 :func:`report` writes the tidy table (CSV + Parquet), per-model summaries, paired statistics
-(overall and per category), scorer agreement, one prompts x models grid per seed, the settings
+(overall and per category), the oracle table and routing accuracy / utilisation (when the
+comparison has them, :mod:`segmoe_lab.judge.oracle`), scorer agreement, one prompts x models grid per seed, the settings
 and model fingerprints (``config.json``) and a ``report.md`` with the tables.
 
 Example::
@@ -84,6 +85,12 @@ def report(result: Comparison, out_dir: Union[str, Path], unit: str = "prompt", 
     tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
               "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
               "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}
+    if result.routes:  # merges and their variants recorded their gates while generating
+        tables["routing_accuracy"] = result.routing_accuracy(by=["group"], n_boot=n_boot, seed=seed)
+        result.routing_accuracy(by=["label"], n_boot=n_boot, seed=seed).to_csv(out / "routing_accuracy_by_site.csv", index=False)
+        result.utilisation().to_csv(out / "utilisation.csv", index=False)
+    if "model_oracle" in set(t.model):
+        tables["oracle_table"] = result.oracle_table(n_boot=n_boot, seed=seed)
     scorers = list(dict.fromkeys(t.scorer))
     if len(scorers) > 1:
         tables["agreement"] = pd.concat([stats.agreement(t, a, b) for i, a in enumerate(scorers) for b in scorers[i + 1:]])
