@@ -333,7 +333,7 @@ def _with_variants(result: "Comparison", plan, hidden: set, recorded: set) -> "C
         parts.append(pd.concat(pieces).assign(model=name, kind=kind))
     table = pd.concat(parts, ignore_index=True)
     order = {m: i for i, m in enumerate(dict.fromkeys(
-        [r.name for r in result.models if r.name not in hidden and r.kind != "variant"] + plan.names
+        [r.name for r in result.models if r.name not in hidden and r.kind not in ("variant", "reference")] + plan.names
         + [r.name for r in result.models if r.kind == "reference"]))}
     labels = {s: i for i, s in enumerate(result.config.scorers)}
     table = (table.assign(_m=table.model.map(order), _s=table.scorer.map(labels))
