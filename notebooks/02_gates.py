@@ -168,6 +168,27 @@ print(describe_domain_routing(by_site, routing=cfg.routing, margin=margin))
 print()
 print(describe_domain_routing(by_kind, routing=cfg.routing, margin=margin))
 
+# %% [markdown]
+# ## Gate health: does a gate route, or is it lucky or stuck?
+# Three checks, each naming the sites it flags (`segmoe_lab.observe.gate_health`): **routing
+# accuracy** on labelled prompts (top-1 decisions on the prompt's own expert) per site kind with a
+# bootstrap CI over prompts, so a few prompts give an honestly wide interval (use
+# `prompt_set = "toy_heldout"` and more prompts for a verdict); **collapse**: sites sending at least
+# 90 % of the prompts to one expert, or with utilisation entropy under half its maximum;
+# **self-routing**: each expert's own gate prompt should route to it.
+
+# %%
+from segmoe_lab.judge.variants import prompt_labels
+from segmoe_lab.observe.gate_health import health_from_shares, self_routing, top1_shares
+
+labels = prompt_labels(table, cfg) if cfg.experts else None
+record = lambda ps: top1_shares(record_gates(pipe, list(ps), steps=gen.steps, seed=gen.seed,  # noqa: E731
+                                             guidance_scale=gen.guidance_scale).frame())
+own = self_routing(record, [[e.positive_prompt] for e in cfg.experts]) if cfg.experts else None
+health = health_from_shares(top1_shares(frame), None if labels is None else list(labels), own, source=prompt_set)
+print(health)
+health.collapsed
+
 # %%
 results = by_kind if by_kind is not None else plots.usage(frame).reset_index(names="prompt_index")
 settings = dict(routing=cfg.routing, num_experts_per_tok=cfg.num_experts_per_tok, steps=gen.steps)

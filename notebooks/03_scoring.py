@@ -54,6 +54,8 @@ guidance_scale = 7.5
 scheduler = None           # None: the merge's own (segmoe: ddpm), used for every model
 scorers = {"clip": {"model": "toy"}, "torchmetrics": {"model": "toy"}, "toy_truth": {}}
 truth = "toy_truth"        # the scorer CLIP is checked against (None to skip)
+variants = None            # None: oracles and baselines when the prompts have expert labels; [] none; or a list
+                           # of "model_oracle", "site_oracle", "uniform", "random", "per_sample", "per_token"
 unit = "prompt"            # bootstrap over prompts (seeds averaged) or "image"
 n_boot = 2000
 device = "auto"            # real models: "cuda"
@@ -74,7 +76,7 @@ from segmoe_lab.judge.report import plot_agreement
 
 config = CompareConfig.of(merge=merge, prompts=prompts, n_prompts=n_prompts, seeds=seeds, scorers=scorers,
                           sampling={"steps": steps, "guidance_scale": guidance_scale, "scheduler": scheduler},
-                          device=device, dtype=dtype, cache_dir=cache_dir)
+                          variants=variants, device=device, dtype=dtype, cache_dir=cache_dir)
 if truth is not None and truth not in config.scorers:
     raise ValueError(f"truth={truth!r} is not one of the scorers {list(config.scorers)}; set truth=None or add it")
 config
@@ -89,6 +91,22 @@ result = run_comparison(config)
 nb.write_results(result.table, output_dir)
 print("generated:", result.generated)
 result.table.head()
+
+# %% [markdown]
+# ## How far is the merge from its experts?
+# Every model's gain over the base as a share of the **model oracle**'s (each prompt through its
+# own expert's full model), with a paired bootstrap CI over prompts. The **site oracle** (each
+# prompt through a one-expert merge of its own expert) is the most any routing over the merge's
+# sites can keep; `uniform` and `random` are what no routing gets. Routing accuracy: top-1 gate
+# decisions on the prompt's expert, recorded while generating; `collapsed`: sites that send
+# nearly every prompt to one expert. Without expert labels there are no oracle rows.
+
+# %%
+from segmoe_lab.judge.oracle import format_oracle_table
+
+print(*result.notes, sep="\n")
+oracle = result.oracle_table(n_boot=n_boot) if "model_oracle" in set(result.table.model) else None
+print(format_oracle_table(oracle) if oracle is not None else "no oracle rows")
 
 # %% [markdown]
 # ## Mean score per model

@@ -133,11 +133,14 @@ def generate(merge: str = typer.Argument(..., help="merge folder, hub id, or mer
 def demo(out: Path = typer.Option(Path("report"), "--out", help="report folder (replaced; its image cache is kept)"),
          n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="fewer prompts, taken in turn from each domain"),
          seeds: str = typer.Option("0", help="comma-separated seeds, e.g. 0,1,2"),
+         gate_prompts: int = typer.Option(30, "--gate-prompts", help="held-out prompts the gates are recorded on"),
+         no_variants: bool = typer.Option(False, "--no-variants", help="skip the oracle and baseline rows (quicker)"),
          quiet: bool = typer.Option(False, "--quiet", help="no progress bars")):
-    """The main job on the toy world: build, record gates, judge against base and experts; write a report (~5 min on 2 cores)."""
+    """The main job on the toy world: build, record gates, judge against base, experts and oracles; write a report (~8 min on 2 cores)."""
     from segmoe_lab.demo import run_demo
 
-    run_demo(out, n_prompts=n_prompts, seeds=parse_seeds(seeds), progress=not quiet, log=typer.echo)
+    run_demo(out, n_prompts=n_prompts, seeds=parse_seeds(seeds), progress=not quiet, log=typer.echo,
+             n_gate_prompts=gate_prompts, variants=[] if no_variants else None)
 
 
 @app.command()

@@ -1,17 +1,22 @@
 """The kit's main job on its embedded default, the toy world: build, look inside, judge.
 
 ``segmoe-lab demo`` (the README's first command) builds the toy merge, saves it in segmoe's folder
-format, records its gates on one prompt per domain, generates the toy prompt set with the merge,
-the base and every expert, scores them (tiny CLIP and ground truth) and writes a report folder::
+format, records its gates on the held-out toy prompts (``toy_heldout``, which no gate is built
+from), generates the toy prompt set with the merge, the base, every expert and the oracle and
+baseline variants (model oracle, site oracle, uniform, random gates), scores them (tiny CLIP and
+ground truth) and writes a report folder::
 
     report/
-      README.md            what was run, the headline numbers, what each file is
+      README.md            opens with the oracle table (% of the model oracle's gain, routing accuracy,
+                           collapsed sites), then gate health, means, paired tests; what each file is
+      oracle_table.csv     the same table, unrounded
+      gate_health.txt      routing accuracy per site kind, collapsed sites, self-routing, warnings
       merge/               the merge (segmoe's folder format; loads in segmoe 0.0.4 too)
       results.csv/.parquet one row per model x prompt x seed x scorer
       summary.csv, paired.csv, ...   per-model means with CIs; merge vs base and vs each expert
       grids/seed_0.png     prompts x models
-      gates.png            sites x experts gate heatmaps, one per domain prompt
-      gate_routing.csv     how often a domain's prompt routes to that domain's expert, per site
+      gates.png            sites x experts gate heatmaps, one held-out prompt per domain
+      gate_routing.csv     how often a held-out prompt routes to its domain's expert, per site
 
 Example::
 
@@ -29,6 +34,10 @@ from typing import Callable, Optional, Sequence, Union
 # DDIM sampler are enough for 32x32 scenes.
 STEPS = 15
 GUIDANCE = 3.0
+# Held-out prompts the demo records gates on: 10 per domain give routing accuracy a CI of about
+# +-0.1 and take ~30 s on one core (three prompts, as before, could not tell a good gate from a lucky one).
+GATE_PROMPTS = 30
+HELDOUT = "toy_heldout"
 
 
 def _say(log: Optional[Callable[[str], None]], text: str) -> None:
@@ -36,8 +45,10 @@ def _say(log: Optional[Callable[[str], None]], text: str) -> None:
         log(text)
 
 
-def gate_figure(pipe, prompts: Sequence[str], steps: int = STEPS, guidance: float = GUIDANCE):
-    """Record the merge's gates on ``prompts`` and return ``(figure, frame)``: one heatmap per prompt."""
+def gate_figure(pipe, prompts: Sequence[str], steps: int = STEPS, guidance: float = GUIDANCE,
+                show: Optional[Sequence[int]] = None):
+    """Record the merge's gates on ``prompts`` and return ``(figure, frame)``: one heatmap per prompt of ``show``
+    (indices into ``prompts``; default all)."""
     import matplotlib.pyplot as plt
 
     from segmoe_lab.observe.plots import site_heatmap
@@ -45,8 +56,9 @@ def gate_figure(pipe, prompts: Sequence[str], steps: int = STEPS, guidance: floa
 
     rec = record_gates(pipe, list(prompts), steps=steps, guidance_scale=guidance)
     frame = rec.frame()
-    fig, axes = plt.subplots(1, len(prompts), figsize=(4.2 * len(prompts), 9), squeeze=False)
-    for i, ax in enumerate(axes[0]):
+    show = list(range(len(prompts))) if show is None else list(show)
+    fig, axes = plt.subplots(1, len(show), figsize=(4.2 * len(show), 9), squeeze=False)
+    for i, ax in zip(show, axes[0]):
         site_heatmap(frame, prompt=i, ax=ax)
     fig.tight_layout()
     return fig, frame
@@ -54,7 +66,8 @@ def gate_figure(pipe, prompts: Sequence[str], steps: int = STEPS, guidance: floa
 
 def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = None, seeds: Sequence[int] = (0,),
              steps: int = STEPS, guidance_scale: float = GUIDANCE, overwrite: bool = True,
-             progress: bool = True, log: Optional[Callable[[str], None]] = print) -> Path:
+             progress: bool = True, log: Optional[Callable[[str], None]] = print,
+             n_gate_prompts: Optional[int] = GATE_PROMPTS, variants: Optional[Sequence[str]] = None) -> Path:
     """Build the toy merge, record its gates, compare it with its base and experts; write ``out_dir``.
 
     Args:
@@ -62,6 +75,10 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
             so a re-run only re-scores).
         n_prompts (`int`, *optional*): a shorter run over ``n`` prompts taken in turn from each domain
             (default: the whole toy set, 72 prompts).
+        n_gate_prompts (`int`, *optional*, defaults to :data:`GATE_PROMPTS`): held-out prompts the gates are
+            recorded on (taken in turn from each domain; ``None``: all 120, about 2 min more).
+        variants: the oracle and baseline rows (:mod:`segmoe_lab.judge.variants`; default: model
+            oracle, site oracle, uniform, random; ``[]`` for none: a quicker run).
         seeds: one image per prompt and seed, the same seeds for every model.
         steps, guidance_scale: sampling settings, identical for every model.
         log: where progress lines go (``None`` for silence).
@@ -88,7 +105,7 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     compare = CompareConfig.of("demo settings", merge=str(out / "merge"), prompts="toy", n_prompts=n_prompts,
                                seeds=list(seeds), sampling={"steps": steps, "guidance_scale": guidance_scale},
                                scorers={"clip": {"model": "toy"}, "toy_truth": {}}, cache_dir=str(cache),
-                               device="cpu", progress=progress)
+                               variants=None if variants is None else list(variants), device="cpu", progress=progress)
     if out.exists() and not out.is_dir():
         raise FolderError(f"{out} is a file; the demo writes a report folder, choose another path")
     if out.exists() and not overwrite:
@@ -96,22 +113,26 @@ def run_demo(out_dir: Union[str, Path] = "report", n_prompts: Optional[int] = No
     created = not out.exists()
     try:
         return _run(out, cache, cfg_compare=compare, n_prompts=n_prompts, seeds=seeds, steps=steps,
-                    guidance_scale=guidance_scale, progress=progress, log=log)
+                    guidance_scale=guidance_scale, progress=progress, log=log, n_gate_prompts=n_gate_prompts)
     except BaseException:
         if created:  # a failed first run leaves nothing behind; a re-run keeps the old merge and images
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run(out: Path, cache: Path, cfg_compare, n_prompts, seeds, steps, guidance_scale, progress, log) -> Path:
+def _run(out: Path, cache: Path, cfg_compare, n_prompts, seeds, steps, guidance_scale, progress, log,
+         n_gate_prompts) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
     from segmoe_lab import toy
     from segmoe_lab.judge import stats
     from segmoe_lab.judge.compare import load_prompts, run_comparison
+    from segmoe_lab.judge.variants import prompt_labels
     from segmoe_lab.merge.pipeline import SegMoEPipeline
     from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
+    from segmoe_lab.observe.gate_health import health_from_shares, self_routing, top1_shares
+    from segmoe_lab.observe.recording import record_gates
 
     if out.exists():
         for child in out.iterdir():  # keep the image cache and the merge: a re-run regenerates nothing
@@ -135,31 +156,42 @@ def _run(out: Path, cache: Path, cfg_compare, n_prompts, seeds, steps, guidance_
     timings["build_s"] = time.perf_counter() - t0
     sites = len(merge.moe_layers)
 
-    _say(log, "2/4 recording gates on one held-out prompt per domain")
+    held_out = load_prompts(HELDOUT, n=n_gate_prompts)
+    _say(log, f"2/4 recording gates on {len(held_out)} held-out prompts ({HELDOUT})")
     t0 = time.perf_counter()
-    # The first prompt of each domain in the toy set, not the experts' gate prompts: routing on the
-    # very prompts the gates were built from would prove nothing.
-    held_out = load_prompts("toy", n=len(toy.DOMAINS))
-    fig, frame = gate_figure(merge, list(held_out.prompt), steps, guidance_scale)
+    # Held-out prompts, never the experts' gate prompts: routing on the very prompts the gates were
+    # built from would prove nothing. One heatmap per domain; the statistics use every prompt.
+    first = [int(held_out.index[held_out.category == d][0]) for d in toy.DOMAINS if (held_out.category == d).any()]
+    fig, frame = gate_figure(merge, list(held_out.prompt), steps, guidance_scale, show=first)
     fig.savefig(out / "gates.png", dpi=110)
     plt.close(fig)  # a library call must not leave figures for a notebook's inline display
     routing = domain_routing(frame, dict(zip(held_out.prompt, held_out.category)), domain_experts(cfg, toy.DOMAINS))
     routing.to_csv(out / "gate_routing.csv", index=False)
+    labels = prompt_labels(held_out, cfg)
+    def shares(prompts, pipe=merge):
+        return top1_shares(record_gates(pipe, list(prompts), steps=steps, guidance_scale=guidance_scale).frame())
+
+    self_rows = self_routing(shares, [e.prompts for e in cfg.experts])
+    health = health_from_shares(top1_shares(frame), list(labels), self_rows, source=HELDOUT)
+    (out / "gate_health.txt").write_text(str(health) + "\n")
     timings["gates_s"] = time.perf_counter() - t0
     del merge
 
-    _say(log, "3/4 generating the toy prompt set with the merge, the base and each expert, and scoring it")
+    _say(log, "3/4 generating the toy prompt set with the merge, the base, each expert and the oracle and baseline "
+              "variants, and scoring it")
     t0 = time.perf_counter()
     result = run_comparison(cfg_compare)
     timings["compare_s"] = time.perf_counter() - t0
 
     _say(log, "4/4 writing the report")
     result.report(out)
+    oracle = result.oracle_table() if "model_oracle" in set(result.table.model) else None  # report() wrote it too
     summary = stats.summary(result.table)
     paired = stats.paired(result.table)
     names = _model_names(cfg)
     text = _readme(cfg, sites, len(load_prompts("toy", n_prompts)), list(seeds), steps, guidance_scale, timings,
-                   result.generated, summary, paired, describe_domain_routing(routing), names)
+                   result.generated, summary, paired, describe_domain_routing(routing), names,
+                   oracle=oracle, health=health, notes=list(result.notes))
     (out / "README.md").write_text(text)
     _say(log, text)
     return out
@@ -188,8 +220,9 @@ def _model_names(cfg) -> dict[str, str]:
 
 
 def _readme(cfg, sites, n_prompts, seeds, steps, guidance, timings, generated, summary, paired, routing_text,
-            names) -> str:
+            names, oracle=None, health=None, notes=()) -> str:
     from segmoe_lab.judge import stats
+    from segmoe_lab.judge.oracle import format_oracle_table
 
     def table(df):
         df = df.copy()
@@ -210,6 +243,21 @@ def _readme(cfg, sites, n_prompts, seeds, steps, guidance, timings, generated, s
         f"images generated this run: {sum(generated.values())} (the rest came from the cache) in "
         f"{timings['compare_s']:.0f} s. Gates recorded in {timings['gates_s']:.1f} s.",
         "",
+        "## How far the merge is from its experts (the `toy` prompt set)",
+        "Each model's ground-truth gain over the base as a share of the **model oracle**'s (each prompt through "
+        "its own domain's full expert), with a paired bootstrap 95% CI over prompts; the gain's CI and p against the base come from one sign-flip test. "
+        "`site_oracle`: each prompt through a one-expert merge of its own expert (that expert at the MoE sites, "
+        "the base elsewhere): the most any routing over these sites can keep. `uniform`: every expert averaged at "
+        "every site; `random`: seeded random gates. Routing accuracy: share of top-1 gate decisions on the prompt's "
+        "own domain expert, recorded while generating these images (chance 0.33), overall and per site kind; "
+        "`collapsed`: sites sending at least 90% of the prompts to one expert.",
+        "",
+        ("```\n" + format_oracle_table(oracle) + "\n```") if oracle is not None else
+        "No oracle rows: " + "; ".join(notes or ["no variants were asked for"]),
+        "",
+        f"## Gate health (the `{HELDOUT}` prompt set: prompts no gate was built from)",
+        "```\n" + str(health) + "\n```" if health is not None else "(not recorded)",
+        "",
         "## Mean score per model (95% bootstrap CI over prompts)",
         "`toy_truth` is the ground truth (1 = the image shows exactly what the prompt asks); `clip` the tiny CLIP's score.",
         "",
@@ -220,7 +268,7 @@ def _readme(cfg, sites, n_prompts, seeds, steps, guidance, timings, generated, s
         "",
         table(overall),
         "",
-        "## Gates",
+        f"## Gates (the `{HELDOUT}` prompt set)",
         routing_text,
         "",
         "## Files",
@@ -228,7 +276,8 @@ def _readme(cfg, sites, n_prompts, seeds, steps, guidance, timings, generated, s
         "- `results.csv` / `results.parquet`: one row per model x prompt x seed x scorer",
         "- `summary.csv`, `summary_by_category.csv`, `paired.csv`, `agreement.csv`: the statistics",
         "- `grids/seed_<s>.png`: prompts x models; `gates.png`: sites x experts per domain prompt",
-        "- `gate_routing.csv`: per site, how often a domain's prompt routes to its own expert",
+        "- `oracle_table.csv`: the oracle table above, unrounded; `gate_health.txt`: the gate health above",
+        "- `gate_routing.csv`: per site, how often a held-out prompt routes to its own domain's expert",
         "- `image_cache/`: every generated image; a re-run regenerates nothing",
     ]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,8 @@ from segmoe_lab import toy
 from segmoe_lab.toy import models, world
 from segmoe_lab.toy.truth import check
 
+ROOT = Path(__file__).resolve().parents[1]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -197,3 +199,37 @@ def test_merge_config_matches_experiments_yaml():
     assert strip(cfg) == strip(yaml_cfg)
     assert [Path(e.source_model).name for e in cfg.experts] == [Path(e.source_model).name for e in yaml_cfg.experts]
     assert toy.merge_config(num_experts_per_tok=2).num_experts_per_tok == 2
+
+
+def test_heldout_set_is_disjoint_from_the_toy_set_and_the_expert_prompts():
+    from segmoe_lab import toy
+    from segmoe_lab.judge.prompts import load_prompts
+
+    held = load_prompts("toy_heldout")
+    used = set(load_prompts("toy").prompt) | set(toy.POSITIVE_PROMPTS.values())
+    assert not set(held.prompt) & used
+    assert held.groupby("category").size().to_dict() == {d: 40 for d in world.DOMAINS}
+    assert (held.expert == held.category).all()
+
+
+def test_prompt_set_csvs_are_what_their_generators_write(tmp_path):
+    from segmoe_lab.judge.prompts import load_prompts
+    from segmoe_lab.toy.prompt_sets import write_prompt_sets
+
+    for path in write_prompt_sets(tmp_path):
+        assert path.read_text() == (ROOT / "data" / "prompts" / path.name).read_text()
+        assert load_prompts(path).prompt.is_unique
+
+
+def test_composition_prompts_pair_one_domains_style_with_anothers_concept():
+    from segmoe_lab.judge.prompts import load_prompts
+
+    comp = load_prompts("toy_composition")
+    used = set(load_prompts("toy").prompt) | set(load_prompts("toy_heldout").prompt)
+    assert not set(comp.prompt) & used and (comp["style"] != comp["concept"]).all()
+    for row in comp.itertuples():
+        d = json.loads(row.description)
+        assert d["domain"] == row.style and not world.is_special(d)  # the concept is not the style domain's own
+        concept = next(iter(world.SPECIAL[row.concept].items()))
+        assert d[concept[0]] in concept[1]
+    assert comp.groupby("category").size().min() >= 6 and comp.category.nunique() == 6

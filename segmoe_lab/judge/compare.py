@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, Optional, Union
+from typing import Optional, Union
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from segmoe_lab.errors import SettingsError
+from segmoe_lab.judge.compare_config import CompareConfig, Sampling  # noqa: F401  (Sampling: part of this module's API)
 from segmoe_lab.judge.images import (
     ImageCache,
     ModelRef,
@@ -34,103 +35,21 @@ from segmoe_lab.judge.images import (
     generate_image,
     image_key,
 )
-from segmoe_lab.judge.models import MODEL_GROUPS, ModelLoader, model_refs, resolve_merge
+from segmoe_lab.judge.models import (
+    ModelLoader,
+    model_refs,
+    reference_refs,
+    resolve_merge,
+    variant_refs,
+)
 from segmoe_lab.judge.prompts import load_prompts
-from segmoe_lab.judge.scorers import SCORERS, get_scorer
-from segmoe_lab.errors import SettingsError, format_problems, validation_problems
+from segmoe_lab.judge.scorers import get_scorer
 from segmoe_lab.merge.config import MergeConfig
-from segmoe_lab.merge.settings import GenerationSettings, Seed
 
 # --- prompt sets -----------------------------------------------------------------------------
 
 
 # --- what a comparison is -------------------------------------------------------------------------
-
-class Sampling(GenerationSettings):
-    """Generation settings, identical for every model of a comparison (validated as :class:`GenerationSettings`)."""
-
-    UNUSED: ClassVar[dict[str, str]] = {"seed": "list the comparison's seeds in `seeds`",
-                                        "num_images": "each prompt x seed gives one image; add seeds for more"}
-
-    negative_prompt: str = ""
-
-
-class CompareConfig(BaseModel):
-    """A comparison run: which merge, which prompts and seeds, how to generate and how to score.
-
-    ``scorers`` maps a column label to the scorer's options (``{"clip": {"model": "toy"}}``); a
-    label other than a registry name picks its scorer with ``"scorer"`` (``{"clip_h": {"scorer": "clip",
-    "model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}}``). A list of names uses defaults.
-    On the toy world (``merge="toy"``) the CLIP scorers default to the toy's CLIP (``model="toy"``)
-    and ``scorers`` defaults to ``clip`` and ``toy_truth``; elsewhere to ``clip`` (ViT-L-14, openai).
-    """
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    merge: Union[str, MergeConfig] = "toy"
-    prompts: str = "toy"
-    n_prompts: Optional[int] = Field(None, ge=1)
-    categories: list[str] = Field(default_factory=list)
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=10_000)
-    sampling: Sampling = Field(default_factory=Sampling)
-    models: list[str] = Field(default_factory=lambda: list(MODEL_GROUPS))
-    scorers: Optional[dict[str, dict]] = None
-    cache_dir: Optional[str] = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    progress: bool = True
-
-    @classmethod
-    def of(cls, source: str = "comparison settings", **values) -> "CompareConfig":
-        """Validate notebook / CLI values; every bad field is named in one :class:`SettingsError`."""
-        from pydantic import ValidationError
-
-        try:
-            return cls.model_validate(values)
-        except ValidationError as err:
-            raise SettingsError(format_problems(f"{source}: {{n}} problem(s)", validation_problems(err, cls))) from None
-
-    @field_validator("scorers", mode="before")
-    @classmethod
-    def _scorer_names(cls, value):
-        if value is None:
-            return None
-        if isinstance(value, (list, tuple)):
-            value = {name: {} for name in value}
-        for label, opts in dict(value).items():
-            name = dict(opts or {}).get("scorer", label)
-            if name not in SCORERS:
-                raise ValueError(f"scorer {name!r} is not known; choose one of {sorted(SCORERS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _toy_defaults(self) -> "CompareConfig":
-        toy = isinstance(self.merge, str) and self.merge == "toy"
-        scorers = self.scorers if self.scorers is not None else ({"clip": {}, "toy_truth": {}} if toy else {"clip": {}})
-        if toy:
-            scorers = {k: ({"model": "toy", **v} if v.get("scorer", k) in ("clip", "torchmetrics") else v)
-                       for k, v in ((k, dict(v or {})) for k, v in scorers.items())}
-        self.scorers = scorers
-        return self
-
-    @field_validator("models")
-    @classmethod
-    def _model_names(cls, value):
-        bad = [m for m in value if m not in MODEL_GROUPS and not m.startswith("expert_")]
-        if bad or "merge" not in value or len(set(value)) < 2:
-            raise ValueError(f"models {value}: list 'merge' and at least one of 'base', 'experts', 'expert_<i>' "
-                             "(the merge is compared with them)")
-        return value
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique_seeds(cls, value):
-        if len(set(value)) != len(value):
-            raise ValueError(f"seeds {value} repeat a seed")
-        return value
-
-
-# --- the image cache ---------------------------------------------------------------------------
 
 
 # --- generating -------------------------------------------------------------------------------
@@ -149,6 +68,38 @@ class Comparison:
     settings: Settings
     cache: ImageCache
     generated: dict[str, int]  # images generated by this run, per model (0 when all were cached)
+    labels: Optional[pd.Series] = None  # per prompt_id, the labelled expert's index (NaN: none)
+    routes: tuple = ()  # models whose images came with their gates' routing (judge.routing), and that route
+    notes: tuple = ()  # what was left out and why (e.g. oracle rows without labels)
+
+    def oracle_table(self, **kwargs) -> pd.DataFrame:
+        """Every model as % of the model oracle's gain over the base, with routing accuracy (:func:`segmoe_lab.judge.oracle.oracle_table`)."""
+        from segmoe_lab.judge.oracle import oracle_table
+
+        return oracle_table(self, **kwargs)
+
+    def routing(self) -> pd.DataFrame:
+        """The recorded routing of every routed image (:func:`segmoe_lab.judge.routing.routing_table`)."""
+        from segmoe_lab.judge.routing import routing_table
+
+        return routing_table(self)
+
+    def routing_accuracy(self, by=(), **kwargs) -> pd.DataFrame:
+        """Share of top-1 gate decisions on each prompt's labelled expert, per routed model (x ``by``: ``"label"`` per
+        site, ``"group"`` per site kind), with a bootstrap CI over prompts (:func:`segmoe_lab.judge.routing.accuracy`)."""
+        from segmoe_lab.judge.routing import accuracy
+
+        table = self.routing()
+        if self.labels is None or self.labels.notna().sum() == 0 or table.empty:
+            return pd.DataFrame()
+        return accuracy(table[table.model.isin(self.routes)], self.labels, by=list(by), **kwargs)
+
+    def utilisation(self) -> pd.DataFrame:
+        """Per routed model x site x expert: its share of the routing's choices and of top-1 decisions."""
+        from segmoe_lab.judge.routing import utilisation
+
+        table = self.routing()
+        return utilisation(table) if not table.empty else pd.DataFrame()
 
     def image(self, model: str, prompt: str, seed: int):
         """The cached image of ``model`` for ``prompt`` and ``seed`` (PIL)."""
@@ -211,7 +162,9 @@ def run_comparison(config: Union[CompareConfig, dict, None] = None, **overrides)
     state, device, dtype = _placement(cfg)
     merge_cfg, folder = resolve_merge(cfg.merge)
     prompts = load_prompts(cfg.prompts, cfg.n_prompts, cfg.categories or None)
-    refs = model_refs(merge_cfg, folder, cfg.models)
+    refs, plan, subsets, hidden = _plan_models(cfg, merge_cfg, folder, prompts)
+    recorded = {r.name for r in refs if r.kind in ("merge", "variant") and not r.name.startswith("site_oracle")
+                and merge_cfg.num_experts > 1}
     settings = _settings(cfg, merge_cfg, device, dtype)
     cache = ImageCache(cfg.cache_dir or default_cache_dir())
     if state.is_main_process:
@@ -219,9 +172,53 @@ def run_comparison(config: Union[CompareConfig, dict, None] = None, **overrides)
     with state.split_between_processes(list(prompts.index)) as mine:
         mine = prompts.loc[list(mine)]
         generated = _generate(refs, mine, cfg, settings, cache, ModelLoader(merge_cfg, folder, device, _torch_dtype(dtype),
-                                                                             settings["scheduler"]), state)
-        rows = _score(refs, mine, cfg, settings, cache, device, state)
-    return _gather(state, rows, generated, prompts, refs, cfg, settings, cache)
+                                                                             settings["scheduler"]), state, subsets, recorded)
+        rows = _score(refs, mine, cfg, settings, cache, device, state, subsets)
+    result = _gather(state, rows, generated, prompts, refs, cfg, settings, cache)
+    return _with_variants(result, plan, hidden, recorded)
+
+
+def _plan_models(cfg: CompareConfig, merge_cfg: MergeConfig, folder, prompts: pd.DataFrame):
+    """``(refs, variant plan, {ref name: prompt ids it generates}, names of refs whose rows only feed variants)``."""
+    from segmoe_lab.judge.variants import plan_variants
+
+    refs = model_refs(merge_cfg, folder, cfg.models)
+    plan = plan_variants(cfg.variants, merge_cfg, prompts)
+    subsets = dict(plan.prompts_of)
+    hidden = set(plan.merges) - set(plan.names)  # site_oracle_<i>: only their composed rows are reported
+    if "model_oracle" in plan.names:
+        have = {r.name for r in refs}
+        for internal, ids in plan.rows["model_oracle"]:
+            if internal not in have:  # the experts were not asked for: generate just their labelled prompts
+                refs += [r for r in model_refs(merge_cfg, folder, ["merge", internal]) if r.name == internal]
+                subsets[internal] = ids
+                hidden.add(internal)
+    refs += variant_refs(plan.merges) + reference_refs(merge_cfg, cfg.references)
+    return refs, plan, subsets, hidden
+
+
+def _with_variants(result: "Comparison", plan, hidden: set, recorded: set) -> "Comparison":
+    """Compose each variant's rows from its internal models' rows and drop the rows that only fed them."""
+    from segmoe_lab.judge.variants import get_variant
+
+    t = result.table
+    parts = [t[~t.model.isin(hidden)]]
+    for name in plan.names:
+        if name in set(t.model) and name not in hidden:
+            continue  # a variant with one merge over every prompt: its rows are already named after it
+        pieces = [t[(t.model == internal) & t.prompt_id.isin(ids)] for internal, ids in plan.rows[name]]
+        kind = "oracle" if get_variant(name).needs_labels else "variant"
+        parts.append(pd.concat(pieces).assign(model=name, kind=kind))
+    table = pd.concat(parts, ignore_index=True)
+    order = {m: i for i, m in enumerate(dict.fromkeys(
+        [r.name for r in result.models if r.name not in hidden and r.kind not in ("variant", "reference")] + plan.names
+        + [r.name for r in result.models if r.kind == "reference"]))}
+    labels = {s: i for i, s in enumerate(result.config.scorers)}
+    table = (table.assign(_m=table.model.map(order), _s=table.scorer.map(labels))
+             .sort_values(["_s", "_m", "prompt_id", "seed"]).drop(columns=["_m", "_s"]).reset_index(drop=True))
+    routes = tuple(m for m in recorded if m == "merge" or (m in plan.names and get_variant(m).routes))
+    result.table, result.labels, result.routes, result.notes = table, plan.labels, routes, tuple(plan.notes)
+    return result
 
 
 def _torch_dtype(name: str):
@@ -236,18 +233,38 @@ def _progress(cfg: CompareConfig, state, **kw):
     return tqdm(disable=not cfg.progress or not state.is_local_main_process, **kw)
 
 
-def _generate(refs, prompts, cfg, settings, cache, loader, state) -> dict[str, int]:
-    """Generate every missing image of ``prompts`` x seeds for each model; each is saved at once."""
-    jobs = [(p, s) for p in prompts.prompt for s in cfg.seeds]
+def _mine(prompts: pd.DataFrame, ref, subsets) -> pd.DataFrame:
+    """The prompts ``ref`` generates: all, or its subset (a site oracle's one-expert merge serves its expert's prompts)."""
+    return prompts if ref.name not in subsets else prompts[prompts.index.isin(subsets[ref.name])]
+
+
+def _generate(refs, prompts, cfg, settings, cache, loader, state, subsets=None, recorded=()) -> dict[str, int]:
+    """Generate every missing image of ``prompts`` x seeds for each model; each is saved at once. The models in
+    ``recorded`` generate under a gate recording and keep its routing beside the image (:mod:`segmoe_lab.judge.routing`);
+    a cached image without its routing is generated again (same seed: the same image)."""
+    from segmoe_lab.judge.routing import generate_recorded, routing_path, save_routing
+
     generated = {}
     for ref in refs:
-        missing = [(p, s) for p, s in jobs if not cache.has(ref, image_key(p, s, settings))]
+        jobs = [(p, s) for p in _mine(prompts, ref, subsets or {}).prompt for s in cfg.seeds]
+        record = ref.name in recorded
+
+        def done(p, s):
+            path = cache.path(ref, image_key(p, s, settings))
+            return path.is_file() and (not record or routing_path(path).is_file())
+
+        missing = [(p, s) for p, s in jobs if not done(p, s)]
         generated[ref.name] = 0
         if not missing:
             continue
         pipe = loader.get(ref)
         for prompt, seed in _progress(cfg, state, iterable=missing, desc=f"generating {ref.name}", unit="img"):
-            cache.save(ref, image_key(prompt, seed, settings), generate_image(pipe, prompt, seed, settings))
+            key = image_key(prompt, seed, settings)
+            if record:
+                image, routing = generate_recorded(pipe, prompt, seed, settings, generate_image)
+                save_routing(cache.save(ref, key, image), routing)
+            else:
+                cache.save(ref, key, generate_image(pipe, prompt, seed, settings))
             generated[ref.name] += 1
     loader.release()
     return generated
@@ -262,15 +279,18 @@ def scorer_specs(cfg: CompareConfig) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def _score(refs, prompts, cfg, settings, cache, device, state) -> list[dict]:
+def _score(refs, all_prompts, cfg, settings, cache, device, state, subsets=None) -> list[dict]:
     rows = []
-    descriptions = list(prompts.description) if "description" in prompts else None
     for label, (name, opts) in scorer_specs(cfg).items():
         if name != "toy_truth":
             opts.setdefault("device", device)
         with state.main_process_first():  # conversions and downloads happen once
             scorer = get_scorer(name, **opts)
         for ref in _progress(cfg, state, iterable=refs, desc=f"scoring {label}", unit="model"):
+            prompts = _mine(all_prompts, ref, subsets or {})
+            if prompts.empty:
+                continue
+            descriptions = list(prompts.description) if "description" in prompts else None
             for seed in cfg.seeds:
                 keys = [image_key(p, seed, settings) for p in prompts.prompt]
                 images = [cache.load(ref, k) for k in keys]

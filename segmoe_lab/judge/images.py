@@ -21,10 +21,11 @@ Settings = dict  # the JSON-able generation settings that key a cached image
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One model of a comparison: ``merge``, ``base`` or ``expert_<i>``, and what fixes its images."""
+    """One model of a comparison: ``merge``, ``base``, ``expert_<i>``, a variant merge (``uniform`` ...) or a reference
+    model (``control``), and what fixes its images."""
 
     name: str
-    kind: Literal["merge", "base", "expert"]
+    kind: Literal["merge", "base", "expert", "variant", "reference"]
     fingerprint: str
     detail: dict = field(default_factory=dict, hash=False, compare=False)
     index: Optional[int] = None  # expert index

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -67,6 +68,29 @@ def model_refs(cfg: MergeConfig, folder: Optional[Path] = None, models=MODEL_GRO
     return refs
 
 
+def variant_refs(merges: dict, routes: bool = True) -> list[ModelRef]:
+    """The internal merges of a :class:`~segmoe_lab.judge.variants.VariantPlan` (``{name: MergeConfig}``) as refs of
+    kind ``variant``; a variant's images are keyed by its config and its sources' files, as a config merge's are."""
+    out = []
+    for name, cfg in merges.items():
+        ref = model_refs(cfg, None, ["merge"])[0]
+        out.append(ModelRef(name, "variant", ref.fingerprint, ref.detail))
+    return out
+
+
+def reference_refs(cfg: MergeConfig, references: dict[str, str]) -> list[ModelRef]:
+    """Extra full models judged like experts (``{"control": "path/to/unet source"}``): the base pipeline with that
+    UNet swapped in. An expert with the same source has the same fingerprint, so they share images."""
+    base = {"base": _source_signature(cfg.base_model, cfg.type), "loras": []}
+    if cfg.loras and cfg.experts:
+        raise ValueError("references: merges with top-level LoRAs fuse them into every model; not supported here")
+    out = []
+    for name, source in references.items():
+        detail = {"base": base["base"], "unet": _source_signature(source, cfg.type), "loras": []}
+        out.append(ModelRef(name, "reference", _hash(["expert", detail]), detail))
+    return out
+
+
 class ModelLoader:
     """Holds one pipeline at a time: the merge, or the base pipeline with a base/expert UNet swapped in."""
 
@@ -86,13 +110,18 @@ class ModelLoader:
         """The diffusers pipeline that generates ``ref``'s images."""
         from segmoe_lab.merge.build import make_scheduler
 
-        if ref.kind == "merge" and self.holds != "merge":
-            from segmoe_lab.merge.pipeline import SegMoEPipeline
+        if ref.kind in ("merge", "variant"):
+            if self.holds != ref.name:
+                from segmoe_lab.merge.pipeline import SegMoEPipeline
 
-            self.release()
-            self.pipe = SegMoEPipeline(self.folder or self.cfg, device=self.device, torch_dtype=self.dtype, progress=False).pipe
-            self.holds = "merge"
-        elif ref.kind != "merge":
+                self.release()
+                what = (self.folder or self.cfg) if ref.kind == "merge" else MergeConfig.model_validate(ref.detail["config"])
+                with warnings.catch_warnings():
+                    if ref.kind == "variant":  # baselines' gates are degenerate by design (zeros, one row, random)
+                        warnings.filterwarnings("ignore", message=".*condition number.*")
+                    self.pipe = SegMoEPipeline(what, device=self.device, torch_dtype=self.dtype, progress=False).pipe
+                self.holds = ref.name
+        else:
             self._plain(ref)
         self.pipe.scheduler = make_scheduler(self.scheduler, self.pipe.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
@@ -113,7 +142,8 @@ class ModelLoader:
         if self.unet_of == ref.name:
             return
         spec = expert_specs(cfg)[ref.index] if ref.kind == "expert" else None
-        res = sources.resolve_source(spec.source if spec else cfg.base_model, model_type=cfg.type)
+        source = spec.source if spec else (ref.detail["unet"]["source"] if ref.kind == "reference" else cfg.base_model)
+        res = sources.resolve_source(source, model_type=cfg.type)
         unet = self.pipe.unet
         state = sources.load_unet_state_dict(res, cfg.type, dict(unet.config))
         unet.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=True)

@@ -1,7 +1,8 @@
 """What a comparison leaves behind: image grids, a scorer-agreement plot and a report folder.
 
 :func:`report` writes the tidy table (CSV + Parquet), per-model summaries, paired statistics
-(overall and per category), scorer agreement, one prompts x models grid per seed, the settings
+(overall and per category), the oracle table and routing accuracy / utilisation (when the
+comparison has them, :mod:`segmoe_lab.judge.oracle`), scorer agreement, one prompts x models grid per seed, the settings
 and model fingerprints (``config.json``) and a ``report.md`` with the tables. ``result`` is a
 :class:`~segmoe_lab.judge.compare.Comparison` (compare calls this module, so it is not imported here).
 
@@ -24,7 +25,6 @@ import pandas as pd
 from segmoe_lab.atomic import disk_full, temp_folder
 from segmoe_lab.errors import SettingsError
 from segmoe_lab.judge import stats
-from segmoe_lab.judge.images import image_key
 
 
 def grid(result, seed: Optional[int] = None, prompts: Optional[list] = None, models: Optional[list] = None,
@@ -34,18 +34,25 @@ def grid(result, seed: Optional[int] = None, prompts: Optional[list] = None, mod
 
     seed = result.config.seeds[0] if seed is None else seed
     prompts = list(result.prompts.prompt) if prompts is None else list(prompts)
-    refs = [r for r in result.models if models is None or r.name in models]
+    # Columns are the table's models (oracle rows included); a model's image is found through the table,
+    # since an oracle row shows another model's image and a site oracle's merges each cover some prompts.
+    t = result.table[result.table.seed == seed].drop_duplicates(["model", "prompt"])
+    names = [m for m in dict.fromkeys(t.model) if models is None or m in models]
+    image_of = {(r.model, r.prompt): r.image for r in t.itertuples()}
     font, head = ImageFont.load_default(size=12), 22
-    canvas = Image.new("RGB", (label_width + cell * len(refs), head + cell * len(prompts)), "white")
+    canvas = Image.new("RGB", (label_width + cell * len(names), head + cell * len(prompts)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), f"seed {seed}", fill="gray", font=font)
-    for j, ref in enumerate(refs):
-        draw.text((label_width + j * cell + 4, 4), ref.name, fill="black", font=font)
+    for j, name in enumerate(names):
+        draw.text((label_width + j * cell + 4, 4), name, fill="black", font=font)
     for i, prompt in enumerate(prompts):
         y = head + i * cell
         draw.multiline_text((4, y + 4), _wrap(prompt, label_width // 7), fill="black", font=font)
-        for j, ref in enumerate(refs):
-            im = result.cache.load(ref, image_key(prompt, seed, result.settings))
+        for j, name in enumerate(names):
+            if (name, prompt) not in image_of:
+                continue  # e.g. an oracle row for an unlabelled prompt
+            with Image.open(result.cache.root / image_of[name, prompt]) as im:
+                im = im.convert("RGB")
             method = Image.Resampling.LANCZOS if im.width > cell else Image.Resampling.NEAREST
             canvas.paste(ImageOps.pad(im, (cell, cell), method, color="white"), (label_width + j * cell, y))
     return canvas
@@ -105,6 +112,12 @@ def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int 
     tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
               "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
               "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}
+    if result.routes:  # merges and their variants recorded their gates while generating
+        tables["routing_accuracy"] = result.routing_accuracy(by=["group"], n_boot=n_boot, seed=seed)
+        result.routing_accuracy(by=["label"], n_boot=n_boot, seed=seed).to_csv(out / "routing_accuracy_by_site.csv", index=False)
+        result.utilisation().to_csv(out / "utilisation.csv", index=False)
+    if "model_oracle" in set(t.model):
+        tables["oracle_table"] = result.oracle_table(n_boot=n_boot, seed=seed)
     scorers = list(dict.fromkeys(t.scorer))
     if len(scorers) > 1:
         tables["agreement"] = pd.concat([stats.agreement(t, a, b) for i, a in enumerate(scorers) for b in scorers[i + 1:]])

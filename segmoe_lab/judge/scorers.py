@@ -32,8 +32,8 @@ import numpy as np
 from segmoe_lab.judge.clip_weights import (  # noqa: F401  ScorerError is part of this module's API
     ScorerError,
     _clip_for_torchmetrics,
-    _processor_for_torchmetrics,
     _device,
+    _processor_for_torchmetrics,
     _transformers_clip_folder,
     resolve_openclip,
 )
