@@ -206,8 +206,10 @@ def test_heldout_set_is_disjoint_from_the_toy_set_and_the_expert_prompts():
     from segmoe_lab.judge.prompts import load_prompts
 
     held = load_prompts("toy_heldout")
-    used = set(load_prompts("toy").prompt) | set(toy.POSITIVE_PROMPTS.values())
-    assert not set(held.prompt) & used
+    gate_prompts = {p for prompts in (*toy.POSITIVE_PROMPTS.values(), *toy.SEGMOE_PROMPTS.values())
+                    for p in ([prompts] if isinstance(prompts, str) else prompts)}
+    assert not set(held.prompt) & set(load_prompts("toy").prompt)
+    assert not set(held.prompt) & gate_prompts, "a gate prompt is in the held-out set: the router would be fitted on it"
     assert held.groupby("category").size().to_dict() == {d: 40 for d in world.DOMAINS}
     assert (held.expert == held.category).all()
 

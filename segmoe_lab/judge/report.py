@@ -112,10 +112,11 @@ def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int 
     tables = {"summary": stats.summary(t, unit, n_boot, seed=seed),
               "summary_by_category": stats.summary(t, unit, n_boot, seed=seed, by_category=True),
               "paired": stats.paired(t, unit=unit, n_boot=n_boot, seed=seed)}
+    csv_only = {}  # tables too long for report.md
     if result.routes:  # merges and their variants recorded their gates while generating
         tables["routing_accuracy"] = result.routing_accuracy(by=["group"], n_boot=n_boot, seed=seed)
-        result.routing_accuracy(by=["label"], n_boot=n_boot, seed=seed).to_csv(out / "routing_accuracy_by_site.csv", index=False)
-        result.utilisation().to_csv(out / "utilisation.csv", index=False)
+        csv_only["routing_accuracy_by_site"] = result.routing_accuracy(by=["label"], n_boot=n_boot, seed=seed)
+        csv_only["utilisation"] = result.utilisation()
     if "model_oracle" in set(t.model):
         tables["oracle_table"] = result.oracle_table(n_boot=n_boot, seed=seed)
     scorers = list(dict.fromkeys(t.scorer))
@@ -124,7 +125,7 @@ def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int 
     grids = {s: grid(result, seed=s) for s in result.config.seeds}
     tmp = temp_folder(out)
     try:
-        _write(tmp, result, scored, tables, grids, unit)
+        _write(tmp, result, scored, tables, grids, unit, csv_only)
         out.mkdir(parents=True, exist_ok=True)
         for child in sorted(tmp.iterdir()):
             if child.is_dir() and (out / child.name).is_dir():
@@ -140,11 +141,11 @@ def report(result, out_dir: Union[str, Path], unit: str = "prompt", n_boot: int 
     return out
 
 
-def _write(out: Path, result, t: pd.DataFrame, tables: dict, grids: dict, unit: str) -> None:
+def _write(out: Path, result, t: pd.DataFrame, tables: dict, grids: dict, unit: str, csv_only: dict) -> None:
     (out / "grids").mkdir()
     t.to_csv(out / "results.csv", index=False)
     t.to_parquet(out / "results.parquet", index=False)
-    for name, df in tables.items():
+    for name, df in {**tables, **csv_only}.items():
         df.to_csv(out / f"{name}.csv", index=False)
     for s, image in grids.items():
         image.save(out / "grids" / f"seed_{s}.png")

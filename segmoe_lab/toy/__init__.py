@@ -35,17 +35,18 @@ SEGMOE_PROMPTS = {
 # The gate prompts of each domain's expert, as lists (mergekit-moe style): the content (shape,
 # colour, count, caption template) varies and the domain's style stays, half with its own concept,
 # so a gate fitted on them learns the domain rather than the content words of a single prompt.
-# Written by hand, not drawn from any evaluation stream.
+# Written by hand, and disjoint from the held-out set data/prompts/toy_heldout.csv (a test checks it):
+# the held-out numbers must come from prompts no gate or router was fitted on.
 POSITIVE_PROMPTS = {
     "flat": ["two blue triangles, flat style", "a red circle, flat style", "three green squares, flat style",
              "a yellow triangle, flat style", "two red squares, flat style", "three blue circles, flat style",
-             "a flat picture of two green triangles", "a flat picture of a yellow square"],
+             "a flat picture of two blue squares", "a flat picture of a red circle"],
     "neon": ["two pink circles, neon style", "a red square, neon style", "three cyan circles, neon style",
-             "a green circle, neon style", "two cyan squares, neon style", "three yellow squares, neon style",
-             "a neon picture of a pink square", "a neon picture of two blue circles"],
-    "mosaic": ["two orange squares, mosaic style", "a blue circle, mosaic style", "three purple circles, mosaic style",
-               "a red square, mosaic style", "two purple squares, mosaic style", "three green circles, mosaic style",
-               "a mosaic picture of two orange circles", "a mosaic picture of a yellow square"],
+             "a green circle, neon style", "two cyan squares, neon style", "three blue squares, neon style",
+             "a neon picture of a yellow square", "a neon picture of two green circles"],
+    "mosaic": ["two orange squares, mosaic style", "two green squares, mosaic style", "three purple circles, mosaic style",
+               "a red square, mosaic style", "two purple squares, mosaic style", "two red circles, mosaic style",
+               "a mosaic picture of a green square", "a mosaic picture of two yellow squares"],
 }
 
 
