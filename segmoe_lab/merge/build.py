@@ -41,6 +41,7 @@ from segmoe_lab.merge.gating import (
     get_gate_init,
     warn_degenerate,
 )
+from segmoe_lab.merge.lowrank import SiteCompressor
 from segmoe_lab.merge.moe import moe_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -275,12 +276,16 @@ class _Builder:
         self.load_base()
         specs = expert_specs(self.cfg)
         per_site: dict[str, dict[str, torch.Tensor]] = {s.path: {} for s in self.sites}  # name -> (E, ...) stack
+        compressors = self._compressors(specs)
         hidden = []
         with self._scheduler_for_gates():
             for i, spec in enumerate(tqdm(specs, desc="experts", disable=not self.progress)):
                 tensors, rows = self.read_expert(i, spec)
                 for path, t in tensors.items():
-                    _store_expert(per_site[path], i, len(specs), t, self.device, self.dtype)
+                    if compressors:  # each expert's delta is factored as it arrives: no full stacks held
+                        compressors[path].add({n: v.to(self.dtype) for n, v in t.items()})
+                    else:
+                        _store_expert(per_site[path], i, len(specs), t, self.device, self.dtype)
                 del tensors
                 if rows is not None:
                     hidden.append(rows)
@@ -292,14 +297,30 @@ class _Builder:
         for s in tqdm(self.sites, desc="MoE sites", disable=not self.progress):
             base_site = get_module(unet, s.path)
             stacks = per_site.pop(s.path)
-            experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
+            if compressors:
+                experts = compressors.pop(s.path).experts()
+            else:
+                experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
             gate = nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype)
             with torch.no_grad():
                 gate.weight.copy_(gates[s.path])
-            layer = moe_layer(experts, self.cfg, gate)
+            layer = moe_layer(experts, self.cfg, gate, base=base_site)
             set_module(unet, s.path, layer.to(self.device))
         self.pipe.scheduler = make_scheduler(self.cfg.scheduler, self.pipe.scheduler)
         return self.pipe
+
+    def _compressors(self, specs: list[ExpertSpec]) -> Optional[dict[str, SiteCompressor]]:
+        """Per site, a compressor against the base's site tensors (``cfg.compress``), else None.
+
+        Views of the UNet's own tensors when experts are read from files; a copy of the sites when
+        an expert will be swapped into the UNet (gate capture or LoRAs), which overwrites them.
+        """
+        if self.cfg.compress is None:
+            return None
+        copy_ = any(self._needs_full_unet(spec) for spec in specs)
+        unet = self.pipe.unet
+        return {s.path: SiteCompressor({k: v.clone() if copy_ else v for k, v in _site_tensors(unet, s).items()},
+                                       self.cfg.compress) for s in self.sites}
 
     @contextmanager
     def _scheduler_for_gates(self):

@@ -28,9 +28,14 @@ from safetensors import safe_open
 
 from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
 from segmoe_lab.merge.discovery import block_name, get_module, set_module
+from segmoe_lab.merge.lowrank import LowRankMoELayer, skeleton_experts
 from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, moe_layer
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Compressed merges (merge.lowrank) keep their UNet in this file instead of UNET_WEIGHTS, and say so
+# under this key of unet/config.json; segmoe 0.0.4 cannot read them (`segmoe-lab export` writes its form).
+LOWRANK_WEIGHTS = "segmoe_lab_lowrank.safetensors"
+LOWRANK_KEY = "segmoe_lab_lowrank"
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -128,8 +133,13 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
         ucfg = _unet_config(pipe.unet)
         ucfg["segmoe_config"] = segmoe_config_for(config, pipe.unet)
         ucfg["segmoe_lab_config"] = config.model_dump()
+        weights = UNET_WEIGHTS
+        if any(isinstance(layer, LowRankMoELayer) for _, layer in iter_moe_layers(pipe.unet)):
+            weights = LOWRANK_WEIGHTS
+            ucfg[LOWRANK_KEY] = {"weights": LOWRANK_WEIGHTS, "format": 1,
+                                 "note": "experts as base + low-rank deltas; segmoe-lab export writes segmoe's form"}
         (unet_dir / "config.json").write_text(json.dumps(ucfg, indent=2))
-        write_safetensors(unet_dir / UNET_WEIGHTS, pipe.unet.state_dict(), metadata={"format": "pt"})
+        write_safetensors(unet_dir / weights, pipe.unet.state_dict(), metadata={"format": "pt"})
         if path.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, trash / "old")
@@ -161,6 +171,7 @@ def read_merge_config(folder: Union[str, Path]) -> tuple[dict, MergeConfig]:
     if not cfg_file.is_file():
         raise MergeFolderError(f"{folder} is not a merge folder: {cfg_file} is missing")
     ucfg = json.loads(cfg_file.read_text())
+    ucfg.pop(LOWRANK_KEY, None)
     seg = ucfg.pop("segmoe_config", None)
     lab = ucfg.pop("segmoe_lab_config", None)
     if seg is None:
@@ -193,11 +204,13 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
 
     folder = Path(folder)
     ucfg, cfg = read_merge_config(folder)
-    weights = folder / "unet" / UNET_WEIGHTS
+    compressed = is_compressed(folder)
+    weights = folder / "unet" / (LOWRANK_WEIGHTS if compressed else UNET_WEIGHTS)
     if not weights.is_file():
         raise MergeFolderError(f"{folder}: {weights} is missing; the merge was not saved completely")
     with safe_open(str(weights), "pt") as f:
         keys = list(f.keys())
+        shapes = {k: f.get_slice(k).get_shape() for k in keys if ".experts.0.A." in k} if compressed else {}
     sites = _moe_sites_from_keys(keys)
     if not sites:
         raise MergeFolderError(f"{weights} holds no MoE layers (no '<site>.gate.weight' tensors)")
@@ -205,7 +218,12 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
         unet = UNet2DConditionModel.from_config(ucfg)
         for path, n in sites.items():
             base = get_module(unet, path)
-            set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
+            if compressed:  # ranks from the file's shapes: A is (rank, in)
+                ranks = {name: shapes[f"{path}.experts.0.A.{name.replace('.', '__')}"][0]
+                         for name, p in base.named_parameters() if p.dim() >= 2}
+                set_module(unet, path, moe_layer(skeleton_experts(base, n, ranks), cfg, base=base))
+            else:
+                set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
     state = load_file(str(weights))
     missing = sorted(set(unet.state_dict()) - set(state))
     unexpected = sorted(set(state) - set(unet.state_dict()))
@@ -221,6 +239,12 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
     if unet.dtype != torch_dtype:
         unet.to(torch_dtype)
     return unet.eval(), cfg
+
+
+def is_compressed(folder: Union[str, Path]) -> bool:
+    """Whether a merge folder holds compressed experts (:mod:`segmoe_lab.merge.lowrank`)."""
+    cfg_file = Path(folder) / "unet" / "config.json"
+    return cfg_file.is_file() and LOWRANK_KEY in json.loads(cfg_file.read_text())
 
 
 def pipeline_class(model_type: str):
@@ -244,3 +268,56 @@ def load_merge(folder: Union[str, Path], torch_dtype: torch.dtype = torch.float3
     pipe = pipeline_class(cfg.type).from_pretrained(str(folder), unet=unet, dtype=torch_dtype)
     pipe.segmoe_config = cfg
     return pipe, cfg
+
+
+# --- compressed <-> segmoe's form -------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _base_site_tensors(cfg: MergeConfig, unet) -> Optional[dict[str, torch.Tensor]]:
+    """The base model's tensors at ``unet``'s MoE sites, or None when the base cannot be read offline."""
+    from segmoe_lab import sources
+
+    names = [f"{path}.{n}" for path, layer in iter_moe_layers(unet) for n, _ in layer.experts[0].named_parameters()]
+    try:
+        res = sources.resolve_source(cfg.base_model, model_type=cfg.type)
+        return sources.read_unet_tensors(res, cfg.type, dict(unet.config), names=names)
+    except (OSError, ValueError):
+        return None
+
+
+def compress_merge(folder: Union[str, Path], out: Union[str, Path], compress, reference: str = "auto",
+                   overwrite: bool = False) -> dict:
+    """Write the compressed form of a saved merge (:mod:`segmoe_lab.merge.lowrank`) to ``out``.
+
+    Args:
+        compress: a :class:`~segmoe_lab.merge.config.CompressOptions` or a dict (``{"rank": 16}``).
+        reference (`str`): ``W_0`` of each site: ``"base"`` (the config's base model; an error if it
+            cannot be read), ``"mean"`` (the experts' mean) or ``"auto"`` (base if readable, else mean).
+
+    Returns:
+        ``{"base": sites compressed against the base, "mean": against the experts' mean}``.
+    """
+    if reference not in ("auto", "base", "mean"):
+        raise ValueError(f"reference={reference!r}: choose auto, base or mean")
+    from segmoe_lab.merge.lowrank import compress_unet
+
+    _, cfg = read_merge_config(folder)
+    pipe, cfg = load_merge(folder, torch_dtype=_DTYPES[cfg.dtype])
+    cfg = cfg.updated(compress=compress)
+    base = None if reference == "mean" else _base_site_tensors(cfg, pipe.unet)
+    if base is None and reference == "base":
+        raise MergeFolderError(f"base_model {cfg.base_model!r} cannot be read here; use reference='mean' or 'auto'")
+    used = compress_unet(pipe.unet, cfg, base)
+    save_merge(pipe, out, cfg, overwrite=overwrite)
+    return used
+
+
+def export_merge(folder: Union[str, Path], out: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write a merge (compressed or not) in segmoe 0.0.4's own form: full experts in ``unet/`` ."""
+    from segmoe_lab.merge.lowrank import decompress_unet
+
+    _, cfg = read_merge_config(folder)
+    pipe, cfg = load_merge(folder, torch_dtype=_DTYPES[cfg.dtype])
+    decompress_unet(pipe.unet, cfg)
+    return save_merge(pipe, out, cfg.updated(compress=None), overwrite=overwrite)

@@ -348,9 +348,24 @@ def set_routing(module: nn.Module, routing: str | None = None, top_k: int | None
             layer.top_k = top_k
 
 
-def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None) -> MoELayer:
+# Other layer kinds a config can ask for (merge.lowrank: compressed experts) register a hook here
+# rather than being imported by this module, so they can build on MoELayer without an import cycle.
+# A hook is ``fn(experts, cfg, gate, base) -> MoELayer | None`` (None: not its kind).
+LAYER_VARIANTS: list[Callable] = []
+
+
+def register_layer_variant(fn: Callable) -> Callable:
+    """Add a layer kind to :func:`moe_layer` (see :data:`LAYER_VARIANTS`)."""
+    LAYER_VARIANTS.append(fn)
+    return fn
+
+
+def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None, base: nn.Module | None = None) -> MoELayer:
     """The MoE layer of one site for a merge config: its experts, ``cfg``'s ``num_experts_per_tok``
     and ``routing``, and ``gate`` (a zero gate when omitted, to be loaded or initialised later).
+
+    ``base`` is the site's base module: with ``cfg.compress`` set (or experts already compressed),
+    :mod:`segmoe_lab.merge.lowrank` stores the experts as ``base`` + low-rank deltas.
 
     The one place a config becomes a layer: build, load, estimate and the benchmarks call it.
 
@@ -358,5 +373,11 @@ def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None) 
 
         layer = moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
     """
+    if getattr(cfg, "compress", None) is not None and not LAYER_VARIANTS:
+        raise RuntimeError("cfg.compress needs segmoe_lab.merge.lowrank imported (it registers compressed layers)")
+    for variant in LAYER_VARIANTS:
+        layer = variant(experts, cfg, gate, base)
+        if layer is not None:
+            return layer
     # a saved merge may hold fewer experts at a site than the config's top-k (segmoe clips too)
     return MoELayer(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)
