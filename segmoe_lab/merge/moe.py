@@ -227,14 +227,32 @@ class MoELayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = hidden_states.shape
         x = _as_3d(hidden_states)  # (B, T, C)
-        logits = self.gate(x)  # (B, T, E)
-        weights, idx = route(logits, self.top_k, self.policy)
-        weights = weights.to(x.dtype)
+        weights, idx = self._route(x)
         if self._offload is not None:  # expert offload: device copies of the chosen experts only
             out = self._offload.run(self, x, weights, idx, args, kwargs)
         else:
             out = self.run_experts(x, weights, idx, args, kwargs)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights in x's dtype, idx)``, both ``(B, T, k)``, as :func:`route` gives them.
+
+        A policy that sums logits over tokens (``segmoe``, ``per_sample``) chooses from the gate of
+        the summed input instead: a bias-free gate commutes with the sum, so one ``(E, C)`` product
+        replaces a ``(B*T, C) x (C, E)`` one (a skinny matmul that cost more than its multiply-adds
+        on CPU); only the k chosen rows then run per token, and top-1 needs none (its weight is 1).
+        Hooks on the gate (recording) see every token's logits: the full path runs for them.
+        """
+        dims, gate = self.policy.sums_over, self.gate
+        if dims is None or gate.bias is not None or gate._forward_hooks or gate._forward_pre_hooks:
+            weights, idx = route(gate(x), self.top_k, self.policy)
+            return weights.to(x.dtype), idx
+        B, T, _ = x.shape
+        idx = self.policy.choose(gate(x.sum(dim=dims, keepdim=True)), self.top_k).expand(B, T, self.top_k)
+        if self.top_k == 1:
+            return x.new_ones(1, 1, 1).expand(B, T, 1), idx
+        logits = torch.bmm(x, gate.weight[idx[:, 0]].transpose(1, 2))  # (B, T, k): the chosen experts' rows only
+        return F.softmax(logits.float(), dim=-1).to(x.dtype), idx
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, args: tuple = (),
                     kwargs: Optional[dict] = None, stacks: Optional[dict] = None) -> torch.Tensor:
