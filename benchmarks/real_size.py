@@ -128,8 +128,11 @@ def meta_shapes(module, dtype) -> dict:
     return {k: (tuple(v.shape), dtype if v.is_floating_point() else torch.int64) for k, v in module.state_dict().items()}
 
 
-def write_models(root: Path, layout: str, n_experts: int) -> dict:
-    """``root/base`` (whole pipeline) and ``root/expert_<i>`` (UNet + links to the base's other parts)."""
+def write_models(root: Path, layout: str, n_experts: int, distinct: int = 0) -> dict:
+    """``root/base`` (whole pipeline) and ``root/expert_<i>`` (UNet + links to the base's other parts).
+
+    ``distinct`` > 0: experts from ``distinct`` on link expert ``i % distinct``'s UNet file (a build
+    reads and factors each expert as if distinct; this only saves writing 5 GB per SDXL expert)."""
     import torch
     import transformers
     from accelerate import init_empty_weights
@@ -166,6 +169,10 @@ def write_models(root: Path, layout: str, n_experts: int) -> dict:
                 os.symlink(part, folder / part.name)
         (folder / "unet").mkdir(exist_ok=True)
         shutil.copy(base / "unet" / "config.json", folder / "unet" / "config.json")
+        if distinct and i >= distinct:
+            os.symlink(experts[i % distinct] / "unet" / "diffusion_pytorch_model.safetensors",
+                       folder / "unet" / "diffusion_pytorch_model.safetensors")
+            continue
         stream_write(folder / "unet" / "diffusion_pytorch_model.safetensors", shapes,
                      expert_tensor(i, base / "unet" / "diffusion_pytorch_model.safetensors"))
     return {"base": base, "experts": experts}
@@ -276,7 +283,7 @@ def gib(b) -> float:
 
 
 def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
-    models = write_models(root / layout, layout, max(n for n, _, _ in CASES.values()))
+    models = write_models(root / layout, layout, max(n for n, _, _ in CASES.values()), args.distinct)
     rows, limit = [], int(args.limit_gib * 2**30)
     for case, (n, k, layers) in CASES.items():
         for rank in (None, args.rank):
@@ -284,7 +291,7 @@ def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
             est = estimated(cfg)
             form = f"rank {rank}" if rank else "full"
             row = {"layout": layout, "case": case, "form": form, "est_unet_gib": gib(est["unet"]), "est_pipe_gib": gib(est["pipeline"])}
-            if est["pipeline"] + est["unet"] > limit:  # build holds the merged pipeline, plus an expert's sites
+            if est["pipeline"] + 2**30 > limit:  # build holds the merged pipeline, plus an expert's site tensors
                 rows.append({**row, "what": "build", "note": f"not run: estimate {gib(est['pipeline']):.1f} GiB merged "
                              f"pipeline, over the {args.limit_gib:.0f} GiB cap on this shared machine"})
                 continue
@@ -337,6 +344,7 @@ def main():
     ap.add_argument("--latent", type=int, default=8, help="latent side of the measured step (8: 64 px)")
     ap.add_argument("--limit-gib", type=float, default=12.0)
     ap.add_argument("--no-segmoe", action="store_true")
+    ap.add_argument("--distinct", type=int, default=0, help="write this many distinct experts; the rest link to them")
     ap.add_argument("--keep", action="store_true", help="keep the models and merges written under --root")
     args = ap.parse_args()
     py, note = (None, "segmoe skipped") if args.no_segmoe else C.segmoe_python()
