@@ -285,8 +285,9 @@ def gib(b) -> float:
 def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
     models = write_models(root / layout, layout, max(n for n, _, _ in CASES.values()), args.distinct)
     rows, limit = [], int(args.limit_gib * 2**30)
-    for case, (n, k, layers) in CASES.items():
-        for rank in (None, args.rank):
+    for case in args.cases:
+        n, k, layers = CASES[case]
+        for rank in (args.rank, None):
             cfg = merge_config(models, layout, n, k, layers, rank)
             est = estimated(cfg)
             form = f"rank {rank}" if rank else "full"
@@ -341,6 +342,7 @@ def main():
     ap.add_argument("--layouts", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
     ap.add_argument("--root", type=Path, default=Path("/tmp/real_size"))
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--latent", type=int, default=8, help="latent side of the measured step (8: 64 px)")
     ap.add_argument("--limit-gib", type=float, default=12.0)
     ap.add_argument("--no-segmoe", action="store_true")

@@ -147,3 +147,14 @@ def test_estimate_of_a_compressed_folder_counts_its_saved_ranks(saved, merges):
     from segmoe_lab.merge.estimate import estimate
 
     assert estimate(saved).merge_unet == sum(p.numel() for p in merges[1].unet.parameters())
+
+
+def test_expert_offload_serves_compressed_experts_with_the_same_outputs(merges):
+    from segmoe_lab.merge.offload import enable_expert_offload
+
+    twin = copy.deepcopy(merges[1].unet)
+    with enable_expert_offload(twin, "cpu") as off:
+        out = _out(twin)
+        moved = off.stats().transferred_bytes
+    assert moved > 0
+    torch.testing.assert_close(out, _out(merges[1].unet), atol=0, rtol=0)
