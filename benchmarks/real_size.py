@@ -213,7 +213,7 @@ from segmoe_lab.merge.pipeline import SegMoEPipeline
 torch.manual_seed(0)
 probe = Probe(); t = time.perf_counter()
 pipe = build_merge(parse_config(json.loads(CONFIG)), torch_dtype=torch.bfloat16, progress=False)
-m = probe.stop(); m["seconds"] = time.perf_counter() - t
+m = probe.stop(); m["seconds"] = time.perf_counter() - t; m["hwm"] = _status("VmHWM:")
 m["unet_bytes"] = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
 if OUT:
     from segmoe_lab.merge.io import save_merge
@@ -232,7 +232,7 @@ if SEGMOE:
 else:
     from segmoe_lab.merge.pipeline import SegMoEPipeline
     unet = SegMoEPipeline(FOLDER, device="cpu", torch_dtype=torch.bfloat16).unet
-load = probe.stop(); load["seconds"] = time.perf_counter() - t
+load = probe.stop(); load["seconds"] = time.perf_counter() - t; load["hwm"] = _status("VmHWM:")
 load["unet_bytes"] = sum(p.numel() * p.element_size() for p in unet.parameters())
 c = unet.config
 x = {"sample": torch.randn(1, c.in_channels, LATENT, LATENT, dtype=torch.bfloat16), "timestep": torch.tensor(500),
@@ -243,7 +243,7 @@ if c.addition_embed_type == "text_time":
 probe = Probe(); t = time.perf_counter()
 with torch.no_grad():
     unet(**x)
-step = probe.stop(); step["seconds"] = time.perf_counter() - t
+step = probe.stop(); step["seconds"] = time.perf_counter() - t; step["hwm"] = _status("VmHWM:")
 print("RESULT " + json.dumps({"load": load, "step": step}))
 '''
 
@@ -254,7 +254,7 @@ from segmoe import SegMoEPipeline
 torch.manual_seed(0)
 probe = Probe(); t = time.perf_counter()
 pipe = SegMoEPipeline(CONFIG_PATH, device="cpu", torch_dtype=torch.bfloat16)
-m = probe.stop(); m["seconds"] = time.perf_counter() - t
+m = probe.stop(); m["seconds"] = time.perf_counter() - t; m["hwm"] = _status("VmHWM:")
 print("RESULT " + json.dumps(m))
 '''
 
@@ -329,7 +329,9 @@ def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
 def _cols(r: dict) -> dict:
     if "error" in r:
         return {"note": r["error"]}
-    return {"seconds": r["seconds"], "peak_rss_gib": gib(r["peak_rss"]), "unet_gib": gib(r.get("unet_bytes"))}
+    # VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss across fork + exec, so a child's
+    # ru_maxrss is at least this script's own peak (which writing the models raises)
+    return {"seconds": r["seconds"], "peak_rss_gib": gib(r.get("hwm", r["peak_rss"])), "unet_gib": gib(r.get("unet_bytes"))}
 
 
 COLUMNS = [("layout", "layout"), ("case", "merge"), ("form", "experts"), ("what", "what"), ("seconds", "wall s"),
