@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmoe_lab.merge.config import CompressOptions
-from segmoe_lab.merge.moe import MoELayer, Scope, _eager_cpu, _is_geglu_ff, get_routing, register_layer_variant
+from segmoe_lab.merge.moe import MoELayer, Scope, _as_3d, _eager_cpu, _is_geglu_ff, get_routing, register_layer_variant
 
 
 def _key(name: str) -> str:
@@ -240,6 +240,17 @@ class LowRankMoELayer(MoELayer):
             return functional_call(self._template, params, (h, *args), kwargs or {})
 
         return self._forward_modules(x, weights, idx, call, next(iter(s.values())).shape[0])
+
+    def run_one(self, e: int, h: torch.Tensor, args: tuple = (), kwargs: Optional[dict] = None) -> torch.Tensor:
+        """Expert ``e`` alone (``segmoe`` top-1 on CPU): base projection plus its low-rank term."""
+        ex = self.experts[e]
+        if self.kind == "linear":
+            bias = ex.full["bias"] if "bias" in ex.full else None
+            return F.linear(h, self.base["weight"]) + F.linear(F.linear(h, ex.A["weight"]), ex.B["weight"], bias)
+        x = _as_3d(h)
+        idx = torch.full((x.shape[0], x.shape[1], 1), e, dtype=torch.long, device=x.device)
+        out = self.run_experts(x, x.new_ones(1, 1, 1).expand(*x.shape[:2], 1), idx, args, kwargs)
+        return out.reshape(*h.shape[:-1], out.shape[-1])
 
     def _mixing(self, weights: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, w)``: the factor rows to run and their ``(B, T, len(rows))`` weights. ``segmoe``

@@ -225,6 +225,9 @@ class MoELayer(nn.Module):
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        e = self._the_one_expert(hidden_states)
+        if e is not None:  # segmoe top-1 on CPU: the chosen expert alone, as a plain module call
+            return self.run_one(e, hidden_states, args, kwargs)
         shape = hidden_states.shape
         x = _as_3d(hidden_states)  # (B, T, C)
         weights, idx = self._route(x)
@@ -233,6 +236,20 @@ class MoELayer(nn.Module):
         else:
             out = self.run_experts(x, weights, idx, args, kwargs)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _the_one_expert(self, h: torch.Tensor) -> Optional[int]:
+        """The expert a ``segmoe`` top-1 layer runs for the whole batch (eager CPU, no offload, no gate
+        hooks), or None. Per-call dispatch, not arithmetic, is what a small site spends its time
+        on there: this path adds four small ops to the expert's own (sum, matvec, top-1, item)."""
+        gate = self.gate
+        if (self.top_k != 1 or self.policy.sums_over != (0, 1) or self._offload is not None or not _eager_cpu(h)
+                or gate.bias is not None or gate._forward_hooks or gate._forward_pre_hooks):
+            return None
+        return int(torch.mv(gate.weight, h.reshape(-1, h.shape[-1]).sum(0)).topk(1).indices)
+
+    def run_one(self, e: int, h: torch.Tensor, args: tuple = (), kwargs: Optional[dict] = None) -> torch.Tensor:
+        """Expert ``e`` alone on ``h`` (any shape), with routing weight 1."""
+        return self.experts[e](h, *args, **(kwargs or {}))
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights in x's dtype, idx)``, both ``(B, T, k)``, as :func:`route` gives them.
