@@ -98,17 +98,26 @@ def routing_table(base, inputs, args) -> list[dict]:
         merged = merge_in_memory(base, moe_layers, args.experts)
         sites, gates = site_macs(base, inputs, moe_layers, args.experts)
         configs = [(r, k) for k in args.top_k for r in ROUTINGS if k <= args.experts]
+        configs += [(BEFORE, k) for k in args.top_k if k <= args.experts]
 
         def setting(routing, k):
             def run():
-                set_routing(merged, routing, k)
-                step_fn(merged, inputs)()
+                set_routing(merged, routing.split()[0], k)
+                if routing != BEFORE:
+                    return step_fn(merged, inputs)()
+                # a hook on each gate makes MoELayer run the gate on every token, as before issue 18
+                hooks = [layer.gate.register_forward_hook(lambda *a: None) for _, layer in iter_moe_layers(merged)]
+                try:
+                    step_fn(merged, inputs)()
+                finally:
+                    for h in hooks:
+                        h.remove()
             return run
 
         fns = {"base": step_fn(base, inputs), **{f"{r} k{k}": setting(r, k) for r, k in configs}}
         times = C.interleaved_times(fns, repeats=args.repeats)
         for routing, k in configs:
-            set_routing(merged, routing, k)
+            set_routing(merged, routing.split()[0], k)
             executed = count_macs(step_fn(merged, inputs))
             predicted = (base_macs + (k - 1) * sites + gates) / base_macs
             ratio = times[f"{routing} k{k}"] / times["base"]
@@ -116,6 +125,36 @@ def routing_table(base, inputs, args) -> list[dict]:
                          "merge_ms": 1e3 * times[f"{routing} k{k}"], "time_ratio": ratio, "mac_ratio": predicted,
                          "executed_mac_ratio": executed / base_macs, "vs_macs": ratio / predicted})
         del merged
+    return rows
+
+
+BEFORE = "segmoe (gate on every token, as before)"
+
+
+def compressed_table(base, inputs, args) -> list[dict]:
+    """Step time of ``all`` merges whose experts are compressed (base + rank-r deltas), next to the
+    multiply-adds they execute (base projections once, plus the chosen experts' low-rank terms)."""
+    from segmoe_lab.merge.lowrank import compress_unet
+
+    base_macs = count_macs(step_fn(base, inputs))
+    base_tensors = {k: v.detach() for k, v in base.state_dict().items()}
+    rows = []
+    for k in args.top_k:
+        full = merge_in_memory(base, "all", args.experts, top_k=k)
+        cfg = parse_config({"base_model": "bench", "type": "sd", "moe_layers": "all", "num_experts_per_tok": k,
+                            "experts": [{"source_model": f"expert_{i}"} for i in range(args.experts)]})
+        merges = {"full experts": full}
+        for rank in args.ranks:
+            merges[f"rank {rank}"] = copy.deepcopy(full)
+            compress_unet(merges[f"rank {rank}"], cfg.updated(compress={"rank": rank}), base_tensors)
+        times = C.interleaved_times({"base": step_fn(base, inputs), **{n: step_fn(u, inputs) for n, u in merges.items()}},
+                                    repeats=args.repeats)
+        for name, unet in merges.items():
+            macs = count_macs(step_fn(unet, inputs)) / base_macs
+            ratio = times[name] / times["base"]
+            rows.append({"k": k, "experts": name, "base_ms": 1e3 * times["base"], "merge_ms": 1e3 * times[name],
+                         "time_ratio": ratio, "mac_ratio": macs, "vs_macs": ratio / macs})
+        del merges, full
     return rows
 
 
@@ -298,6 +337,8 @@ def main():
     ap.add_argument("--moe-layers", nargs="+", default=["attn", "ff", "all"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-segmoe", action="store_true")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32], help="ranks of the compressed-experts table")
+    ap.add_argument("--only-moe", action="store_true", help="only the step-time tables (routing, compressed experts)")
     args = ap.parse_args()
 
     from diffusers import UNet2DConditionModel
@@ -315,6 +356,13 @@ def main():
                   [("moe_layers", "moe_layers"), ("k", "k"), ("routing", "routing"), ("base_ms", "base ms"),
                    ("merge_ms", "merge ms"), ("time_ratio", "time ratio"), ("mac_ratio", "MAC ratio"),
                    ("vs_macs", "vs_macs"), ("executed_mac_ratio", "executed MACs")]))
+    print(f"\n{args.experts}x{{1,2}} all with compressed experts (segmoe routing): step time next to the multiply-adds "
+          "they execute (vs_macs goal <= 1.2)")
+    print(C.table(compressed_table(base, inputs, args),
+                  [("k", "k"), ("experts", "experts"), ("base_ms", "base ms"), ("merge_ms", "merge ms"),
+                   ("time_ratio", "time ratio"), ("mac_ratio", "executed MAC ratio"), ("vs_macs", "vs_macs")]))
+    if args.only_moe:
+        return
     print("\ncross-attention K/V cache (cache_cross_kv), 3-step generations, ms per step")
     print(C.table(kv_cache_table(base, inputs, args), [("unet", "UNet"), ("plain_ms", "plain ms"), ("cached_ms", "cached ms"),
                                                        ("speedup", "speedup"), ("macs_saved", "MACs saved"),

@@ -47,6 +47,7 @@ prompt_set = "toy"         # a set in data/prompts ("toy", "segmoe_examples") or
 scorers = {"toy_truth": {}}  # real models: {"clip": {}}
 steps = 8                  # real models: 25
 seed = 0
+rank = 8                   # section 7: experts stored as base + rank-8 deltas
 device = "auto"            # real models: "cuda"
 dtype = "auto"             # real models: "float16"
 save_dir = None            # where the merge is saved (None: output_dir, else a temporary folder)
@@ -146,6 +147,24 @@ folder = pipe.save_pretrained(work / "merge", overwrite=True)
 again = nb.open_merge(folder, place)
 diff = nb.max_pixel_difference(nb.generate(pipe, table.prompt[:1], gen), nb.generate(again, table.prompt[:1], gen))
 print(f"saved to {folder}; the reloaded merge's image differs by at most {diff} of 255")
+
+# %% [markdown]
+# ## 7. Compressed experts
+# Each expert's site weights as a shared `W_0` plus a rank-`rank` delta (truncated SVD; `compress:`
+# in a config, or `segmoe-lab compress`; `W_0` here is the experts' mean). Bytes, the image
+# difference, and on the toy world ground truth at two ranks (the full study: docs/rank_quality.png).
+
+# %%
+from segmoe_lab.merge.lowrank import compress_unet, lowrank_bytes
+from segmoe_lab.toy.compression import plot_rank_quality, rank_quality
+
+small = nb.open_merge(folder, place)
+compress_unet(small.unet, small.config.updated(compress={"rank": rank}))
+full_mb, small_mb = (lowrank_bytes(p.unet)["total"] / 2**20 for p in (pipe, small))
+diff_c = nb.max_pixel_difference(nb.generate(pipe, table.prompt[:1], gen), nb.generate(small, table.prompt[:1], gen))
+print(f"UNet {full_mb:.1f} MB -> {small_mb:.1f} MB at rank {rank}; image differs by at most {diff_c} of 255")
+if config == "toy":
+    plot_rank_quality(rank_quality(ranks=(2, rank), n=n_prompts, progress=False));
 
 # %%
 scores = {f"{model}_{label}": j(imgs, table) for model, imgs in images.items() for label, j in judges.items()}

@@ -199,16 +199,46 @@ def runs_cmd(out: Path = typer.Option(Path("runs"), "--out", help="runs folder")
 @friendly_errors
 def estimate(config: Path = typer.Argument(..., help="merge config (YAML) or merge folder"),
              layout: Optional[str] = typer.Option(None, help="UNet layout to assume: sd15, sdxl, vega or ssd1b "
-                                                             "(default: from the base model, else by type)")):
+                                                             "(default: from the base model, else by type)"),
+             rank: Optional[int] = typer.Option(None, help="count experts as base + rank-R deltas (a config file only)")):
     """Print parameter counts and float16/float32 weight memory of the base and the merge, loading no weights."""
+    from segmoe_lab.errors import SettingsError
+    from segmoe_lab.merge.config import load_config
     from segmoe_lab.merge.estimate import estimate as run_estimate
     from segmoe_lab.sources.layouts import LAYOUTS
 
     if layout is not None and layout not in LAYOUTS:
-        from segmoe_lab.errors import SettingsError
-
         raise SettingsError(f"--layout {layout!r} is not known; choose one of {', '.join(LAYOUTS)}")
-    typer.echo(run_estimate(config, layout=layout).table())
+    if rank is not None and config.is_dir():
+        raise SettingsError("--rank applies to a config file; a compressed merge folder's ranks are read from it")
+    target = config if rank is None else load_config(config).updated(compress={"rank": rank})
+    typer.echo(run_estimate(target, layout=layout).table())
+
+
+# --- compress / export (experts as low-rank deltas; issue 18) -------------------------------------
+
+@app.command()
+@friendly_errors
+def compress(merge: Path = typer.Argument(..., help="saved merge folder (segmoe's form or ours)"),
+             out: Path = typer.Argument(..., help="output folder (must not exist)"),
+             rank: Optional[int] = typer.Option(None, help="the same rank for every expert weight"),
+             energy: Optional[float] = typer.Option(None, help="per weight, the smallest rank keeping this share of the delta's energy"),
+             reference: str = typer.Option("auto", help="W_0: base (the config's base model), mean (of the experts), auto")):
+    """Store each expert's site weights as W_0 + B A (truncated SVD of the delta); only segmoe-lab reads the result."""
+    from segmoe_lab.merge.compressed_io import compress_merge
+
+    used = compress_merge(merge, out, {"rank": rank, "energy": energy}, reference=reference)
+    typer.echo(f"wrote {out}: {used['base']} site(s) against the base model, {used['mean']} against the experts' mean")
+
+
+@app.command()
+@friendly_errors
+def export(merge: Path = typer.Argument(..., help="merge folder, compressed or not"),
+           out: Path = typer.Argument(..., help="output folder (must not exist)")):
+    """Write a merge in segmoe 0.0.4's own folder form (full experts), e.g. from a compressed merge."""
+    from segmoe_lab.merge.compressed_io import export_merge
+
+    typer.echo(f"wrote {export_merge(merge, out)} (segmoe's form)")
 
 
 # --- compare (merge vs base vs each expert, scored; issue 7) ----------------------------------

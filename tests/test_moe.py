@@ -105,3 +105,22 @@ def test_set_routing_changes_every_layer_and_checks_top_k():
     assert all(m.routing == "per_token" and m.top_k == 2 for m in model)
     with pytest.raises(ValueError, match="between 1 and 2"):
         set_routing(model, top_k=3)
+
+
+@pytest.mark.parametrize("routing", ["segmoe", "per_sample"])
+def test_a_hooked_gate_sees_every_tokens_logits(routing):
+    layer = _gate(MoELayer([nn.Linear(8, 6) for _ in range(3)], top_k=1, routing=routing))
+    seen = []
+    layer.gate.register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    layer(torch.randn(2, 5, 8))
+    assert seen == [(2, 5, 3)]
+
+
+@pytest.mark.parametrize("routing", ["segmoe", "per_sample"])
+def test_summed_gate_input_routes_as_summed_logits_do(routing):
+    torch.manual_seed(3)
+    experts = [nn.Linear(8, 6) for _ in range(4)]
+    layer = _gate(MoELayer(experts, top_k=2, routing=routing))
+    x = torch.randn(3, 5, 8)
+    weights, idx = route(layer.gate(x), 2, routing)
+    torch.testing.assert_close(layer(x), _reference(x, experts, weights, idx))

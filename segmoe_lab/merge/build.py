@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from segmoe_lab import sources
+from segmoe_lab.errors import SegMoELabError
 from segmoe_lab.merge.capture import capture_hidden
 from segmoe_lab.merge.config import LoraConfig, MergeConfig, parse_config
 from segmoe_lab.merge.discovery import (
@@ -42,9 +43,14 @@ from segmoe_lab.merge.gating import (
     warn_degenerate,
 )
 from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
+from segmoe_lab.merge.lowrank import SiteCompressor
 from segmoe_lab.merge.moe import moe_layer
-from segmoe_lab.merge.prompt_router import Gate, attach_router, fit_router, pipeline_text_encode
-from segmoe_lab.errors import SegMoELabError
+from segmoe_lab.merge.prompt_router import (
+    Gate,
+    attach_router,
+    fit_router,
+    pipeline_text_encode,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -289,12 +295,16 @@ class _Builder:
         self.load_base()
         specs = expert_specs(self.cfg)
         per_site: dict[str, dict[str, torch.Tensor]] = {s.path: {} for s in (*self.sites, *self.extra)}  # name -> (E, ...) stack
+        compressors = self._compressors(specs)
         hidden = []
         with self._scheduler_for_gates():
             for i, spec in enumerate(tqdm(specs, desc="experts", disable=not self.progress)):
                 tensors, rows = self.read_expert(i, spec)
                 for path, t in tensors.items():
-                    _store_expert(per_site[path], i, len(specs), t, self.device, self.dtype)
+                    if compressors and path in compressors:  # each delta is factored as it arrives: no full stacks
+                        compressors[path].add({n: v.to(self.dtype) for n, v in t.items()})
+                    else:
+                        _store_expert(per_site[path], i, len(specs), t, self.device, self.dtype)
                 del tensors
                 if rows is not None:
                     hidden.append(rows)
@@ -308,21 +318,37 @@ class _Builder:
         for s in tqdm([*self.sites, *self.extra], desc="MoE sites", disable=not self.progress):
             base_site = get_module(unet, s.path)
             stacks = per_site.pop(s.path)
-            experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
+            if compressors and s.path in compressors:  # compressed experts: extra kinds stay full (for now)
+                experts = compressors.pop(s.path).experts()
+            else:
+                experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
             rows, bias = gates[s.path] if isinstance(gates[s.path], tuple) else (gates[s.path], None)
             # a bias cannot fold into segmoe's bias-free gate: Gate keeps it as an offset saved beside
             gate = (Gate(s.in_features, len(specs), bias, device=self.device, dtype=self.dtype) if bias is not None
                     else nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype))
             with torch.no_grad():
                 gate.weight.copy_(rows)
-            make = moe_layer if isinstance(s, Site) else extra_layer
-            set_module(unet, s.path, make(experts, self.cfg, gate).to(self.device))
+            layer = moe_layer(experts, self.cfg, gate, base=base_site) if isinstance(s, Site) else extra_layer(experts, self.cfg, gate)
+            set_module(unet, s.path, layer.to(self.device))
         if self.cfg.router == "prompt":
             router = fit_router(pipeline_text_encode(self.pipe), [spec.positives for spec in specs],
                                 self.cfg.gate.shrinkage, self.cfg.gate.router_pool)
             attach_router(self.pipe, router)
         self.pipe.scheduler = make_scheduler(self.cfg.scheduler, self.pipe.scheduler)
         return self.pipe
+
+    def _compressors(self, specs: list[ExpertSpec]) -> Optional[dict[str, SiteCompressor]]:
+        """Per site, a compressor against the base's site tensors (``cfg.compress``), else None.
+
+        Views of the UNet's own tensors when experts are read from files; a copy of the sites when
+        an expert will be swapped into the UNet (gate capture or LoRAs), which overwrites them.
+        """
+        if self.cfg.compress is None:
+            return None
+        copy_ = any(self._needs_full_unet(spec) for spec in specs)
+        unet = self.pipe.unet
+        return {s.path: SiteCompressor({k: v.clone() if copy_ else v for k, v in _site_tensors(unet, s).items()},
+                                       self.cfg.compress) for s in self.sites}
 
     @contextmanager
     def _scheduler_for_gates(self):

@@ -31,7 +31,12 @@ from pydantic import (
     model_validator,
 )
 
-from segmoe_lab.errors import ConfigError, format_problems, validate, validation_problems
+from segmoe_lab.errors import (
+    ConfigError,
+    format_problems,
+    validate,
+    validation_problems,
+)
 from segmoe_lab.safe_load import SafeLoader, load_yaml
 
 MoELayers = Literal["ff", "attn", "all"]
@@ -113,6 +118,24 @@ class GateOptions(_Strict):
     width: Optional[int] = Field(None, ge=8)
 
 
+class CompressOptions(_Strict):
+    """Experts stored as the base's weights plus low-rank deltas (:mod:`segmoe_lab.merge.lowrank`).
+
+    Give exactly one target: ``rank`` (the same rank for every weight of rank >= 2 at every site)
+    or ``energy`` (per weight, the smallest rank keeping this share of the delta's squared singular
+    values; needs a full SVD, so slower at real size). Biases and norm scales stay full.
+    """
+
+    rank: Optional[int] = Field(None, ge=1)
+    energy: Optional[float] = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "CompressOptions":
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("compress: give exactly one of rank (e.g. 16) or energy (e.g. 0.9)")
+        return self
+
+
 class MergeConfig(_Strict):
     """A SegMoE merge: the base, its experts and how their layers are mixed."""
 
@@ -137,6 +160,7 @@ class MergeConfig(_Strict):
     # "prompt": one decision per sample for every site, from the prompt's text embedding (merge.prompt_router);
     # pair it with routing: per_sample (a batch-scope routing such as segmoe sums the samples' router logits)
     router: RouterName = "none"
+    compress: Optional[CompressOptions] = None  # experts as base + low-rank deltas (merge.lowrank)
 
     @field_validator("routing", "init")
     @classmethod

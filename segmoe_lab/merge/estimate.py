@@ -26,7 +26,7 @@ from segmoe_lab.merge.config import MergeConfig, load_config
 from segmoe_lab.sources import layouts
 
 BYTES = {"float16": 2, "float32": 4}
-_OUR_KEYS = ("segmoe_config", "segmoe_lab_config")
+_OUR_KEYS = ("segmoe_config", "segmoe_lab_config", "segmoe_lab_lowrank")
 
 
 @dataclass
@@ -138,12 +138,16 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def meta_merge(unet_config: dict, cfg: MergeConfig):
-    """``(base_params, merged UNet on the meta device, sites)`` for ``cfg`` over ``unet_config``."""
+def meta_merge(unet_config: dict, cfg: MergeConfig, ranks: Optional[dict[str, dict[str, int]]] = None):
+    """``(base_params, merged UNet on the meta device, sites)`` for ``cfg`` over ``unet_config``.
+
+    With ``cfg.compress``, experts are low-rank deltas of the ranks a fixed ``rank`` gives, or of
+    ``ranks`` (site -> weight -> rank, as a saved compressed merge holds them)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
     from segmoe_lab.merge.discovery import find_sites, get_module, set_module
+    from segmoe_lab.merge.lowrank import planned_ranks, skeleton_experts
     from segmoe_lab.merge.moe import moe_layer
 
     with init_empty_weights():
@@ -152,7 +156,12 @@ def meta_merge(unet_config: dict, cfg: MergeConfig):
         sites = find_sites(unet, cfg.moe_layers, cfg.include_mid)
         for s in sites:
             site = get_module(unet, s.path)
-            set_module(unet, s.path, moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
+            if cfg.compress is not None:
+                r = ranks[s.path] if ranks else planned_ranks(site, cfg.compress)
+                layer = moe_layer(skeleton_experts(site, cfg.num_experts, r), cfg, base=site)
+            else:
+                layer = moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
+            set_module(unet, s.path, layer)
         from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
 
         extra = find_extra_sites(unet, cfg.moe_extra)  # moe_extra's kinds cost E copies of their layers too
@@ -160,6 +169,23 @@ def meta_merge(unet_config: dict, cfg: MergeConfig):
             site = get_module(unet, s.path)
             set_module(unet, s.path, extra_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
     return base, unet, [*sites, *extra]
+
+
+def _saved_ranks(folder: Path) -> Optional[dict[str, dict[str, int]]]:
+    """Site -> weight -> rank of a compressed merge folder, from its file header (None if not compressed)."""
+    from safetensors import safe_open
+
+    from segmoe_lab.merge.io import LOWRANK_WEIGHTS, is_compressed
+
+    if not is_compressed(folder):
+        return None
+    ranks: dict[str, dict[str, int]] = {}
+    with safe_open(str(folder / "unet" / LOWRANK_WEIGHTS), "pt") as f:
+        for k in f.keys():
+            site, sep, rest = k.partition(".experts.0.A.")
+            if sep:
+                ranks.setdefault(site, {})[rest.replace("__", ".")] = f.get_slice(k).get_shape()[0]
+    return ranks
 
 
 def _text_encoder_params(configs: dict[str, dict]) -> int:
@@ -193,17 +219,18 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
     from segmoe_lab.merge.moe import iter_moe_layers
     from segmoe_lab.merge.offload import resident_bytes_plan
 
-    configs = None
+    configs = ranks = None
     if isinstance(config, (str, Path)) and Path(config).is_dir():
         from segmoe_lab.merge.io import read_merge_config
 
         folder = Path(config)
         _, cfg = read_merge_config(folder)
+        ranks = _saved_ranks(folder)
         configs = _folder_configs(folder, "merge folder") if layout is None else None
     else:
         cfg = config if isinstance(config, MergeConfig) else load_config(config)
     configs = configs or model_configs(cfg, layout)
-    base, unet, sites = meta_merge(configs.unet, cfg)
+    base, unet, sites = meta_merge(configs.unet, cfg, ranks)
     merged = _params(unet)
     import torch
 
@@ -216,7 +243,8 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
     # (expert offload streams only segmoe's sites: extra kinds are counted resident in offload_unet)
     title = (f"{cfg.num_experts}x{cfg.num_experts_per_tok} {cfg.type} merge of {cfg.base_model}, "
              f"moe_layers={cfg.moe_layers}{', include_mid' if cfg.include_mid else ''}"
-             f"{f', moe_extra={cfg.moe_extra} ({extra_params / 1e6:.2f} M params in extra kinds)' if cfg.moe_extra else ''}")
+             f"{f', moe_extra={cfg.moe_extra} ({extra_params / 1e6:.2f} M params in extra kinds)' if cfg.moe_extra else ''}"
+             + (f", experts as base + rank-{cfg.compress.rank if ranks is None else 'saved'} deltas" if cfg.compress else ""))
     return Estimate(title, configs.source, len(sites), cfg.num_experts, min(cfg.num_experts_per_tok, cfg.num_experts),
                     base, merged, active, offload,
                     _text_encoder_params(configs.text_encoders) if configs.text_encoders else None,

@@ -22,7 +22,6 @@ against its own config before it loads: expert count, site list, tensor names an
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import shutil
 import struct
@@ -32,27 +31,50 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from segmoe_lab.atomic import backup_path, disk_full, recover, replace_folder, temp_folder
-from segmoe_lab.errors import FolderError, format_problems
-from segmoe_lab.merge.config import SEGMOE_DERIVED_KEYS, ConfigError, MergeConfig, parse_config
+from segmoe_lab.atomic import (
+    backup_path,
+    disk_full,
+    recover,
+    replace_folder,
+    temp_folder,
+)
+from segmoe_lab.merge.config import (
+    SEGMOE_DERIVED_KEYS,
+    ConfigError,
+    MergeConfig,
+    parse_config,
+)
 from segmoe_lab.merge.discovery import block_name, find_sites, get_module, set_module
+from segmoe_lab.merge.folder_checks import (
+    MergeFolderError,
+    _check_experts,
+    _check_shapes,
+    _check_sites,
+    _moe_sites_from_keys,
+)
 from segmoe_lab.merge.kinds import extra_layer, find_extra_sites, iter_extra_layers
+from segmoe_lab.merge.lowrank import LowRankMoELayer, skeleton_experts
 from segmoe_lab.merge.moe import iter_moe_layers, moe_layer
-from segmoe_lab.merge.prompt_router import ROUTER_NAME, Gate, PromptRouter, attach_router
+from segmoe_lab.merge.prompt_router import (
+    ROUTER_NAME,
+    Gate,
+    PromptRouter,
+    attach_router,
+)
 from segmoe_lab.safe_load import load_json
 from segmoe_lab.sources.weightfile import open_weights, read_weights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 EXTRAS_WEIGHTS = "segmoe_lab_extras.safetensors"
+# Compressed merges (merge.lowrank) keep their UNet in this file instead of UNET_WEIGHTS, and say so
+# under this key of unet/config.json; segmoe 0.0.4 cannot read them (`segmoe-lab export` writes its form).
+LOWRANK_WEIGHTS = "segmoe_lab_lowrank.safetensors"
+LOWRANK_KEY = "segmoe_lab_lowrank"
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
-
-
-class MergeFolderError(FolderError):
-    """A folder that is not a loadable merge, or an output folder that cannot be written."""
 
 
 # --- safetensors, streamed ----------------------------------------------------------------
@@ -145,9 +167,14 @@ def save_merge(pipe, path: Union[str, Path], config: MergeConfig, overwrite: boo
         ucfg = _unet_config(pipe.unet)
         ucfg["segmoe_config"] = segmoe_config_for(config, pipe.unet)
         ucfg["segmoe_lab_config"] = config.model_dump()
+        weights = UNET_WEIGHTS
+        if any(isinstance(layer, LowRankMoELayer) for _, layer in iter_moe_layers(pipe.unet)):
+            weights = LOWRANK_WEIGHTS
+            ucfg[LOWRANK_KEY] = {"weights": LOWRANK_WEIGHTS, "format": 1,
+                                 "note": "experts as base + low-rank deltas; segmoe-lab export writes segmoe's form"}
         (unet_dir / "config.json").write_text(json.dumps(ucfg, indent=2))
         segmoe_state, extras = split_extras(pipe.unet)
-        write_safetensors(unet_dir / UNET_WEIGHTS, segmoe_state, metadata={"format": "pt"})
+        write_safetensors(unet_dir / weights, segmoe_state, metadata={"format": "pt"})
         if extras:
             write_safetensors(unet_dir / EXTRAS_WEIGHTS, extras, metadata={"format": "pt"})
     except BaseException as err:
@@ -217,6 +244,7 @@ def read_merge_config(folder: Union[str, Path]) -> tuple[dict, MergeConfig]:
     ucfg = load_json(cfg_file, MergeFolderError, "UNet config (config.json)")
     if not isinstance(ucfg, dict):
         raise MergeFolderError(f"{cfg_file}: a UNet config is a JSON object, not {type(ucfg).__name__}")
+    ucfg.pop(LOWRANK_KEY, None)
     seg = ucfg.pop("segmoe_config", None)
     lab = ucfg.pop("segmoe_lab_config", None)
     if seg is None:
@@ -230,20 +258,6 @@ def read_merge_config(folder: Union[str, Path]) -> tuple[dict, MergeConfig]:
     return ucfg, cfg
 
 
-def _moe_sites_from_keys(keys) -> dict[str, int]:
-    """Site path -> number of experts, read from the tensor names of a merge."""
-    sites: dict[str, set] = {}
-    for k in keys:
-        if k.endswith(".gate.weight"):
-            sites.setdefault(k[: -len(".gate.weight")], set())
-    for k in keys:
-        head, sep, rest = k.partition(".experts.")
-        index = rest.split(".")[0]
-        if sep and head in sites and index.isdigit():  # other names are caught by the shape check
-            sites[head].add(int(index))
-    return {p: len(e) for p, e in sites.items()}
-
-
 def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.float32):
     """The merged ``UNet2DConditionModel`` of a merge folder (ours or segmoe's), and its config."""
     from accelerate import init_empty_weights
@@ -251,11 +265,12 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
 
     folder = Path(folder)
     ucfg, cfg = read_merge_config(folder)
-    weights = folder / "unet" / UNET_WEIGHTS
+    compressed = is_compressed(folder)
+    weights = folder / "unet" / (LOWRANK_WEIGHTS if compressed else UNET_WEIGHTS)
     if not weights.is_file():
         raise MergeFolderError(f"{folder}: {weights} is missing; the merge was not saved completely")
     with open_weights(weights) as f:
-        shapes = {k: f.shape(k) for k in f.keys()}
+        shapes = {k: tuple(f.shape(k)) for k in f.keys()}
     sites = _moe_sites_from_keys(shapes)
     if not sites:
         raise MergeFolderError(f"{weights} holds no MoE layers (no '<site>.gate.weight' tensors)")
@@ -274,7 +289,12 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
         _check_sites(sites, {s.path for s in find_sites(unet, cfg.moe_layers, cfg.include_mid)}, cfg, weights)
         for path, n in sites.items():
             base = get_module(unet, path)
-            set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
+            if compressed:  # ranks from the file's shapes: A is (rank, in)
+                ranks = {name: shapes[f"{path}.experts.0.A.{name.replace('.', '__')}"][0]
+                         for name, p in base.named_parameters() if p.dim() >= 2}
+                set_module(unet, path, moe_layer(skeleton_experts(base, n, ranks), cfg, base=base))
+            else:
+                set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
         _install_extras(unet, cfg, extras)
     if extras:  # segmoe's averaged copies of the extra layers are only for segmoe
         plain = tuple(p + "." for p, _ in iter_extra_layers(unet))
@@ -294,39 +314,10 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
     return unet.eval(), cfg
 
 
-def _check_experts(sites: dict[str, int], cfg: MergeConfig, weights: Path) -> None:
-    """Every site holds the config's number of experts (a folder saying 2 but holding 3 is refused)."""
-    wrong = {p: n for p, n in sites.items() if n != cfg.num_experts}
-    if wrong:
-        header = (f"{weights} does not match its unet/config.json: the config says {cfg.num_experts} experts, "
-                  f"but {len(wrong)} of {len(sites)} MoE sites hold another number; rebuild the merge")
-        raise MergeFolderError(format_problems(header, (f"{p}: {n} experts" for p, n in wrong.items())))
-
-
-def _check_sites(found: dict[str, int], expected: set[str], cfg: MergeConfig, weights: Path) -> None:
-    """The MoE sites in the weights are the ones ``moe_layers`` / ``include_mid`` make on this UNet."""
-    missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
-    if missing or extra:
-        header = (f"{weights} does not match its unet/config.json (moe_layers={cfg.moe_layers}, "
-                  f"include_mid={cfg.include_mid}): {len(missing)} MoE site(s) missing, {len(extra)} unexpected; "
-                  "rebuild the merge")
-        problems = [*(f"missing {p}" for p in missing), *(f"unexpected {p}" for p in extra)]
-        raise MergeFolderError(format_problems(header, problems))
-
-
-def _check_shapes(expected: dict[str, tuple], stored: dict[str, tuple], weights: Path) -> None:
-    """Tensor names and shapes in the file are exactly the merged UNet's (read from the header only)."""
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
-    if missing or unexpected or wrong:
-        header = (f"{weights} does not match its unet/config.json: {len(missing)} tensor(s) missing, "
-                  f"{len(unexpected)} unexpected, {len(wrong)} of the wrong shape; rebuild the merge")
-        kinds = [[f"{k}: shape {list(stored[k])}, expected {list(expected[k])}" for k in wrong],
-                 [f"unexpected {k}" for k in unexpected], [f"missing {k}" for k in missing]]
-        # taken in turn from each kind, so a few lines show every kind of mismatch
-        problems = [p for group in itertools.zip_longest(*kinds) for p in group if p is not None]
-        raise MergeFolderError(format_problems(header, problems))
+def is_compressed(folder: Union[str, Path]) -> bool:
+    """Whether a merge folder holds compressed experts (:mod:`segmoe_lab.merge.lowrank`)."""
+    cfg_file = Path(folder) / "unet" / "config.json"
+    return cfg_file.is_file() and LOWRANK_KEY in json.loads(cfg_file.read_text())
 
 
 def pipeline_class(model_type: str):
@@ -345,7 +336,11 @@ def load_merge(folder: Union[str, Path], torch_dtype: torch.dtype = torch.float3
     Returns:
         ``(pipe, config)``: the diffusers pipeline (UNet with MoE layers) and its ``MergeConfig``.
     """
-    from segmoe_lab.sources.local import WEIGHT_COMPONENTS, _check_components, _check_headers
+    from segmoe_lab.sources.local import (
+        WEIGHT_COMPONENTS,
+        _check_components,
+        _check_headers,
+    )
 
     folder = Path(folder)
     unet, cfg = load_merged_unet(folder, torch_dtype)
@@ -364,3 +359,9 @@ def load_merge(folder: Union[str, Path], torch_dtype: torch.dtype = torch.float3
         attach_router(pipe, router)
     pipe.segmoe_config = cfg
     return pipe, cfg
+
+
+# --- compressed <-> segmoe's form -------------------------------------------------------------------
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+

@@ -24,6 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmoe_lab.merge.routing import ROUTINGS, RoutingPolicy, Scope, get_routing  # noqa: F401  (re-exported)
+from segmoe_lab.merge.stacks import (
+    _eager_cpu,
+    _forward_geglu,
+    _is_geglu_ff,
+    _rows_of_one_stack,
+    _stackable,
+)
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -56,80 +63,13 @@ def route(logits: torch.Tensor, top_k: int, routing: str | RoutingPolicy = "segm
 
 
 # --- stacked expert storage (performance; issue 9) -------------------------------------------
-def _rows_of_one_stack(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The ``(E, ...)`` tensor whose consecutive rows ``tensors`` already are (no copy needed), or None."""
-    first = tensors[0]
-    if first.device.type == "meta" or not first.is_contiguous():
-        return None
-    storage, n = first.untyped_storage(), first.numel()
-    for i, t in enumerate(tensors):
-        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype or t.shape != first.shape
-                or not t.is_contiguous() or t.storage_offset() != first.storage_offset() + i * n):
-            return None
-    return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *first.shape))
 
 
-def _stackable(experts: Sequence[nn.Module]) -> bool:
-    """Same parameter names and shapes in every expert (and no buffers), so they can share stacks."""
-    first = [(n, p.shape) for n, p in experts[0].named_parameters()]
-    if not first or any(True for _ in experts[0].buffers()):
-        return False
-    return all([(n, p.shape) for n, p in e.named_parameters()] == first for e in experts[1:])
-
-
-# parameter names of diffusers' ``FeedForward(activation_fn="geglu")``: net = [GEGLU(proj), Dropout, Linear(, Dropout)]
-GEGLU_NAMES = ("net.0.proj.weight", "net.0.proj.bias", "net.2.weight", "net.2.bias")
-
-
-def _is_geglu_ff(expert: nn.Module) -> bool:
-    """diffusers' ``FeedForward`` with a GEGLU activation, biases and no active dropout (SD 1.5 / SDXL's ff)."""
-    net = getattr(expert, "net", None)
-    if not isinstance(net, nn.ModuleList) or len(net) not in (3, 4):
-        return False
-    return (type(net[0]).__name__ == "GEGLU" and isinstance(getattr(net[0], "proj", None), nn.Linear)
-            and isinstance(net[2], nn.Linear)
-            and all(isinstance(m, nn.Dropout) and m.p == 0 for i, m in enumerate(net) if i in (1, 3))
-            and {n for n, _ in expert.named_parameters()} == set(GEGLU_NAMES))
-
-
-def _eager_cpu(x: torch.Tensor) -> bool:
-    """Whether to index expert stacks with Python ints (views) instead of copying the chosen rows.
-
-    On CPU a host sync is free and copying the chosen weights costs more than one fused matmul
-    saves (measured in ``benchmarks/inference.py``); on accelerators, and under ``torch.compile``,
-    the tensor-indexed single-matmul path runs without a host sync or graph break.
-    """
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _forward_geglu(x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, stacks: dict) -> torch.Tensor:
-    """The same k GEGLU feed-forwards for every token (``segmoe`` routing), as two matmuls.
-
-    ``sum_j w_j * (geglu(x W1_j^T + b1_j) W2_j^T + b2_j)``: the first matmul runs the k experts'
-    concatenated input projections; the routing weight is folded into the hidden activations so
-    the second matmul sums over experts in its reduction dimension.
-    """
-    B, T, C = x.shape
-    k = chosen.shape[0]
-    w1_all, b1_all, w2_all, b2_all = (stacks[n] for n in GEGLU_NAMES)
-    if _eager_cpu(x):  # the k experts one by one, on views of their rows (top-1: weight exactly 1)
-        if k == 1:
-            a, g = F.linear(x, w1_all[int(chosen[0])], b1_all[int(chosen[0])]).chunk(2, dim=-1)
-            return F.linear(a * F.gelu(g), w2_all[int(chosen[0])], b2_all[int(chosen[0])])
-        out = None
-        for j, e in enumerate(chosen.tolist()):
-            a, g = F.linear(x, w1_all[e], b1_all[e]).chunk(2, dim=-1)
-            y = weights[..., j : j + 1] * F.linear(a * F.gelu(g), w2_all[e], b2_all[e])
-            out = y if out is None else out + y
-        return out
-    w1, b1 = w1_all.index_select(0, chosen), b1_all.index_select(0, chosen)  # (k, 2I, C), (k, 2I)
-    two_i = w1.shape[1]
-    h = F.linear(x, w1.reshape(k * two_i, C), b1.reshape(k * two_i)).view(B, T, k, two_i)
-    a, g = h.chunk(2, dim=-1)  # (B, T, k, I) each
-    h = a * F.gelu(g) * weights.unsqueeze(-1)  # (B, T, k, I), routing weight folded in
-    w2 = w2_all.index_select(0, chosen)  # (k, C, I)
-    out = F.linear(h.reshape(B, T, k * (two_i // 2)), w2.transpose(0, 1).reshape(C, k * (two_i // 2)))  # (B, T, C)
-    return out + weights @ b2_all.index_select(0, chosen)  # (B, T, k) @ (k, C)
+def _plain_gate(gate: nn.Module) -> bool:
+    """segmoe's bias-free ``nn.Linear`` gate with no hooks: only then do the logits commute with a sum
+    over tokens (a gate with an offset, a prompt router or a recording hook must see every token)."""
+    return (type(gate) is nn.Linear and gate.bias is None and not gate._forward_hooks
+            and not gate._forward_pre_hooks)
 
 
 class MoELayer(nn.Module):
@@ -225,16 +165,51 @@ class MoELayer(nn.Module):
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        e = self._the_one_expert(hidden_states)
+        if e is not None:  # segmoe top-1 on CPU: the chosen expert alone, as a plain module call
+            return self.run_one(e, hidden_states, args, kwargs)
         shape = hidden_states.shape
         x = _as_3d(hidden_states)  # (B, T, C)
-        logits = self.gate(x)  # (B, T, E)
-        weights, idx = route(logits, self.top_k, self.policy)
-        weights = weights.to(x.dtype)
+        weights, idx = self._route(x)
         if self._offload is not None:  # expert offload: device copies of the chosen experts only
             out = self._offload.run(self, x, weights, idx, args, kwargs)
         else:
             out = self.run_experts(x, weights, idx, args, kwargs)
         return out.reshape(*shape[:-1], out.shape[-1])
+
+    def _the_one_expert(self, h: torch.Tensor) -> Optional[int]:
+        """The expert a ``segmoe`` top-1 layer runs for the whole batch (eager CPU, no offload, no gate
+        hooks), or None. Per-call dispatch, not arithmetic, is what a small site spends its time
+        on there: this path adds four small ops to the expert's own (sum, matvec, top-1, item)."""
+        gate = self.gate
+        if (self.top_k != 1 or self.policy.sums_over != (0, 1) or self._offload is not None or not _eager_cpu(h)
+                or not _plain_gate(gate)):
+            return None
+        return int(torch.mv(gate.weight, h.reshape(-1, h.shape[-1]).sum(0)).topk(1).indices)
+
+    def run_one(self, e: int, h: torch.Tensor, args: tuple = (), kwargs: Optional[dict] = None) -> torch.Tensor:
+        """Expert ``e`` alone on ``h`` (any shape), with routing weight 1."""
+        return self.experts[e](h, *args, **(kwargs or {}))
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights in x's dtype, idx)``, both ``(B, T, k)``, as :func:`route` gives them.
+
+        A policy that sums logits over tokens (``segmoe``, ``per_sample``) chooses from the gate of
+        the summed input instead: a bias-free gate commutes with the sum, so one ``(E, C)`` product
+        replaces a ``(B*T, C) x (C, E)`` one (a skinny matmul that cost more than its multiply-adds
+        on CPU); only the k chosen rows then run per token, and top-1 needs none (its weight is 1).
+        Hooks on the gate (recording) see every token's logits: the full path runs for them.
+        """
+        dims, gate = self.policy.sums_over, self.gate
+        if dims is None or not _plain_gate(gate):
+            weights, idx = route(gate(x), self.top_k, self.policy)
+            return weights.to(x.dtype), idx
+        B, T, _ = x.shape
+        idx = self.policy.choose(gate(x.sum(dim=dims, keepdim=True)), self.top_k).expand(B, T, self.top_k)
+        if self.top_k == 1:
+            return x.new_ones(1, 1, 1).expand(B, T, 1), idx
+        logits = torch.bmm(x, gate.weight[idx[:, 0]].transpose(1, 2))  # (B, T, k): the chosen experts' rows only
+        return F.softmax(logits.float(), dim=-1).to(x.dtype), idx
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, args: tuple = (),
                     kwargs: Optional[dict] = None, stacks: Optional[dict] = None) -> torch.Tensor:
@@ -348,9 +323,24 @@ def set_routing(module: nn.Module, routing: str | None = None, top_k: int | None
             layer.top_k = top_k
 
 
-def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None) -> MoELayer:
+# Other layer kinds a config can ask for (merge.lowrank: compressed experts) register a hook here
+# rather than being imported by this module, so they can build on MoELayer without an import cycle.
+# A hook is ``fn(experts, cfg, gate, base) -> MoELayer | None`` (None: not its kind).
+LAYER_VARIANTS: list[Callable] = []
+
+
+def register_layer_variant(fn: Callable) -> Callable:
+    """Add a layer kind to :func:`moe_layer` (see :data:`LAYER_VARIANTS`)."""
+    LAYER_VARIANTS.append(fn)
+    return fn
+
+
+def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None, base: nn.Module | None = None) -> MoELayer:
     """The MoE layer of one site for a merge config: its experts, ``cfg``'s ``num_experts_per_tok``
     and ``routing``, and ``gate`` (a zero gate when omitted, to be loaded or initialised later).
+
+    ``base`` is the site's base module: with ``cfg.compress`` set (or experts already compressed),
+    :mod:`segmoe_lab.merge.lowrank` stores the experts as ``base`` + low-rank deltas.
 
     The one place a config becomes a layer: build, load, estimate and the benchmarks call it.
 
@@ -358,5 +348,11 @@ def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None) 
 
         layer = moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
     """
+    if getattr(cfg, "compress", None) is not None and not LAYER_VARIANTS:
+        raise RuntimeError("cfg.compress needs segmoe_lab.merge.lowrank imported (it registers compressed layers)")
+    for variant in LAYER_VARIANTS:
+        layer = variant(experts, cfg, gate, base)
+        if layer is not None:
+            return layer
     # a saved merge may hold fewer experts at a site than the config's top-k (segmoe clips too)
     return MoELayer(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)

@@ -15,14 +15,19 @@ from typing import Any, Optional, Union
 
 import torch
 
+from segmoe_lab.atomic import backup_path
 from segmoe_lab.errors import ConfigError, SettingsError
 from segmoe_lab.merge.build import DTYPES, build_merge, make_scheduler
 from segmoe_lab.merge.config import MergeConfig, load_config, parse_config
-from segmoe_lab.merge.settings import check_pipeline_kwargs
 from segmoe_lab.merge.gating import gate_report
-from segmoe_lab.atomic import backup_path
-from segmoe_lab.merge.io import load_merge, read_merge_config, save_merge, segmoe_config_for
+from segmoe_lab.merge.io import (
+    load_merge,
+    read_merge_config,
+    save_merge,
+    segmoe_config_for,
+)
 from segmoe_lab.merge.moe import iter_moe_layers, set_routing
+from segmoe_lab.merge.settings import check_pipeline_kwargs
 
 
 def default_device() -> str:

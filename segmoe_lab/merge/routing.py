@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from segmoe_lab.registry import Registry
 
@@ -50,6 +50,9 @@ class RoutingPolicy:
     name: str
     choose: Callable
     scope: Scope
+    # the dims ``choose`` sums the logits over before choosing (a bias-free gate commutes with that
+    # sum, so MoELayer may choose from the gate of the summed input); None: it needs every logit
+    sums_over: Optional[tuple] = None
 
     @property
     def doc(self) -> str:
@@ -60,11 +63,11 @@ class RoutingPolicy:
 ROUTINGS: Registry[RoutingPolicy] = Registry("routing", "a routing policy")
 
 
-def routing_policy(name: str, scope: Scope) -> Callable:
+def routing_policy(name: str, scope: Scope, sums_over: Optional[tuple] = None) -> Callable:
     """Register ``choose`` as the routing policy ``name`` (a decorator)."""
 
     def register(choose: Callable) -> Callable:
-        ROUTINGS.add(name, RoutingPolicy(name, choose, scope))
+        ROUTINGS.add(name, RoutingPolicy(name, choose, scope, sums_over))
         return choose
 
     return register
@@ -75,7 +78,7 @@ def get_routing(name: str) -> RoutingPolicy:
     return ROUTINGS.lookup(name)
 
 
-@routing_policy("segmoe", Scope.BATCH)
+@routing_policy("segmoe", Scope.BATCH, sums_over=(0, 1))
 def choose_segmoe(logits, top_k: int):
     """segmoe 0.0.4's rule: the top-k experts of the gate logits summed over every token of the
     whole batch (both halves of classifier-free guidance included), shared by all tokens."""
@@ -84,7 +87,7 @@ def choose_segmoe(logits, top_k: int):
     return idx.view(1, 1, top_k).expand(B, T, top_k)
 
 
-@routing_policy("per_sample", Scope.SAMPLE)
+@routing_policy("per_sample", Scope.SAMPLE, sums_over=(1,))
 def choose_per_sample(logits, top_k: int):
     """Each batch item chooses its own top-k from its logits summed over its tokens."""
     B, T, E = logits.shape
