@@ -8,6 +8,7 @@ from safetensors import safe_open
 from torch import nn
 from typer.testing import CliRunner
 
+from segmoe_lab.merge import compressed_io
 from segmoe_lab.merge import io as merge_io
 from segmoe_lab.merge.config import ConfigError, CompressOptions, parse_config
 from segmoe_lab.merge.lowrank import LowRankMoELayer, choose_rank, delta_factors, lowrank_bytes
@@ -123,7 +124,7 @@ def test_compressed_folder_round_trips(merges, saved):
 
 
 def test_export_writes_segmoes_form_with_the_compressed_merges_outputs(merges, saved, tmp_path):
-    out = merge_io.export_merge(saved, tmp_path / "exported")
+    out = compressed_io.export_merge(saved, tmp_path / "exported")
     ucfg = json.loads((out / "unet" / "config.json").read_text())
     assert merge_io.LOWRANK_KEY not in ucfg and ucfg["segmoe_config"] == merges[0].segmoe_config
     with safe_open(str(out / "unet" / merge_io.UNET_WEIGHTS), "pt") as f:
