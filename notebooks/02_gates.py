@@ -184,7 +184,7 @@ from segmoe_lab.observe.gate_health import health_from_shares, self_routing, top
 labels = prompt_labels(table, cfg) if cfg.experts else None
 record = lambda ps: top1_shares(record_gates(pipe, list(ps), steps=gen.steps, seed=gen.seed,  # noqa: E731
                                              guidance_scale=gen.guidance_scale).frame())
-own = self_routing(record, [[e.positive_prompt] for e in cfg.experts]) if cfg.experts else None
+own = self_routing(record, [e.prompts for e in cfg.experts]) if cfg.experts else None
 health = health_from_shares(top1_shares(frame), None if labels is None else list(labels), own, source=prompt_set)
 print(health)
 health.collapsed

@@ -78,7 +78,7 @@ def test_cells_are_short(notebook):
 def test_a_bad_parameter_fails_at_once(tmp_path):
     notebook = NOTEBOOK_DIR / "00_quickstart.ipynb"
     result = run_notebook(notebook, tmp_path / "run", {"device": "gpu"}, timeout=300)
-    assert result.status == "failed" and "device='gpu' is not a valid choice" in result.error
+    assert result.status == "failed" and "device: 'gpu' is not a valid choice" in result.error
     status = json.loads((result.path / "status.json").read_text())
     nb = nbformat.read(result.path / notebook.name, as_version=4)
     first_validation = next(c.execution_count for c in code_cells(nb) if "parameters" in c.metadata.get("tags", []))

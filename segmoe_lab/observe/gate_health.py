@@ -20,7 +20,7 @@ conditional half of guidance), the expert with the highest mean gate probability
 ``.warnings`` and a printable summary::
 
     health = gate_health(pipe, prompts=list(table.prompt), labels=list(table.expert_index),
-                         expert_prompts=[[e.positive_prompt] for e in cfg.experts])
+                         expert_prompts=[e.prompts for e in cfg.experts])
     print(health)            # accuracy per site kind, collapsed sites, warnings
     health.warnings          # ['collapse: down1.a0.t0 cross-k sends 97% of top-1 decisions to expert 1', ...]
 """
