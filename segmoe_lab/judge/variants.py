@@ -90,11 +90,14 @@ register_variant(Variant("model_oracle", "each prompt through its labelled exper
                          needs_labels=True, routes=False))
 register_variant(Variant("site_oracle", "each prompt through a one-expert merge of its labelled expert",
                          _one_expert_merges, per_label=True, needs_labels=True, routes=False))
-register_variant(Variant("uniform", "every expert averaged at every site (zero gates, top-k = all experts)",
-                         lambda cfg: {"uniform": _changed(cfg, init="uniform", num_experts_per_tok=cfg.num_experts)},
+# Both baselines drop a prompt router: its logits replace every gate's, so a merge that has one
+# would otherwise route exactly as before (measured: "random" then matched the merge to the image).
+register_variant(Variant("uniform", "every expert averaged at every site (zero gates, top-k = all experts, no router)",
+                         lambda cfg: {"uniform": _changed(cfg, init="uniform", num_experts_per_tok=cfg.num_experts,
+                                                          router="none")},
                          routes=False))
-register_variant(Variant("random", "the merge with seeded random gates",
-                         lambda cfg: {"random": _changed(cfg, init="random")}))
+register_variant(Variant("random", "the merge with seeded random gates (and no router)",
+                         lambda cfg: {"random": _changed(cfg, init="random", router="none")}))
 register_variant(Variant("per_sample", "the merge with per-sample routing",
                          lambda cfg: {"per_sample": _changed(cfg, routing="per_sample")}))
 register_variant(Variant("per_token", "the merge with per-token routing",
