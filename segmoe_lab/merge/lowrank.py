@@ -36,6 +36,7 @@ from segmoe_lab.merge.moe import (
     _as_3d,
     _eager_cpu,
     _is_geglu_ff,
+    check_experts,
     get_routing,
     register_layer_variant,
 )
@@ -201,10 +202,7 @@ class LowRankMoELayer(MoELayer):
     def __init__(self, base: nn.Module, experts: Sequence[LowRankExpert], gate: nn.Linear | None = None,
                  top_k: int = 1, routing: str = "segmoe"):
         nn.Module.__init__(self)  # MoELayer's __init__ expects full experts; the shared state is set here
-        if not experts:
-            raise ValueError("a MoE layer needs at least one expert")
-        if not 1 <= top_k <= len(experts):
-            raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({len(experts)})")
+        check_experts(experts, top_k)
         self.policy = get_routing(routing)
         self.experts = nn.ModuleList(experts)
         weights = {n: p for n, p in base.named_parameters() if p.dim() >= 2}

@@ -65,6 +65,14 @@ def route(logits: torch.Tensor, top_k: int, routing: str | RoutingPolicy = "segm
 # --- stacked expert storage (performance; issue 9) -------------------------------------------
 
 
+def check_experts(experts: Sequence[nn.Module], top_k: int) -> None:
+    """At least one expert, and ``1 <= top_k <= len(experts)`` (every MoE layer class checks this)."""
+    if not experts:
+        raise ValueError("a MoE layer needs at least one expert")
+    if not 1 <= top_k <= len(experts):
+        raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({len(experts)})")
+
+
 def _plain_gate(gate: nn.Module) -> bool:
     """segmoe's bias-free ``nn.Linear`` gate with no hooks: only then do the logits commute with a sum
     over tokens (a gate with an offset, a prompt router or a recording hook must see every token)."""
@@ -91,10 +99,7 @@ class MoELayer(nn.Module):
 
     def __init__(self, experts: Sequence[nn.Module], gate: nn.Linear | None = None, top_k: int = 1, routing: str = "segmoe"):
         super().__init__()
-        if not experts:
-            raise ValueError("a MoE layer needs at least one expert")
-        if not 1 <= top_k <= len(experts):
-            raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({len(experts)})")
+        check_experts(experts, top_k)
         self.policy = get_routing(routing)
         self.experts = nn.ModuleList(experts)
         first = experts[0]
