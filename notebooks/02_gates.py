@@ -179,13 +179,12 @@ print(describe_domain_routing(by_kind, routing=cfg.routing, margin=margin))
 
 # %%
 from segmoe_lab.judge.variants import prompt_labels
-from segmoe_lab.observe.gate_health import health_from_shares, self_routing, top1_shares
+from segmoe_lab.observe.gate_health import gate_health
 
 labels = prompt_labels(table, cfg) if cfg.experts else None
-record = lambda ps: top1_shares(record_gates(pipe, list(ps), steps=gen.steps, seed=gen.seed,  # noqa: E731
-                                             guidance_scale=gen.guidance_scale).frame())
-own = self_routing(record, [e.prompts for e in cfg.experts]) if cfg.experts else None
-health = health_from_shares(top1_shares(frame), None if labels is None else list(labels), own, source=prompt_set)
+health = gate_health(pipe, list(table.prompt), None if labels is None else list(labels),
+                     [e.prompts for e in cfg.experts] or None, steps=gen.steps, guidance_scale=gen.guidance_scale,
+                     seed=gen.seed, source=prompt_set, frame=frame)
 print(health)
 health.collapsed
 

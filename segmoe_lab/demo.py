@@ -131,8 +131,7 @@ def _run(out: Path, cache: Path, cfg_compare, n_prompts, seeds, steps, guidance_
     from segmoe_lab.judge.variants import prompt_labels
     from segmoe_lab.merge.pipeline import SegMoEPipeline
     from segmoe_lab.observe.diagnostics import describe_domain_routing, domain_experts, domain_routing
-    from segmoe_lab.observe.gate_health import health_from_shares, self_routing, top1_shares
-    from segmoe_lab.observe.recording import record_gates
+    from segmoe_lab.observe.gate_health import gate_health
 
     if out.exists():
         for child in out.iterdir():  # keep the image cache and the merge: a re-run regenerates nothing
@@ -168,11 +167,8 @@ def _run(out: Path, cache: Path, cfg_compare, n_prompts, seeds, steps, guidance_
     routing = domain_routing(frame, dict(zip(held_out.prompt, held_out.category)), domain_experts(cfg, toy.DOMAINS))
     routing.to_csv(out / "gate_routing.csv", index=False)
     labels = prompt_labels(held_out, cfg)
-    def shares(prompts, pipe=merge):
-        return top1_shares(record_gates(pipe, list(prompts), steps=steps, guidance_scale=guidance_scale).frame())
-
-    self_rows = self_routing(shares, [e.prompts for e in cfg.experts])
-    health = health_from_shares(top1_shares(frame), list(labels), self_rows, source=HELDOUT)
+    health = gate_health(merge, list(held_out.prompt), list(labels), [e.prompts for e in cfg.experts], steps=steps,
+                         guidance_scale=guidance_scale, source=HELDOUT, frame=frame)
     (out / "gate_health.txt").write_text(str(health) + "\n")
     timings["gates_s"] = time.perf_counter() - t0
     del merge

@@ -235,19 +235,21 @@ def health_from_shares(shares: pd.DataFrame, labels: Optional[Sequence] = None, 
 
 def gate_health(pipe, prompts: Sequence[str], labels: Optional[Sequence] = None,
                 expert_prompts: Optional[Sequence[Sequence[str]]] = None, steps: int = 15, guidance_scale: float = 3.0,
-                seed: int = 0, source: str = "", refit=None) -> GateHealth:
+                seed: int = 0, source: str = "", refit=None, frame: Optional[pd.DataFrame] = None) -> GateHealth:
     """Record ``pipe`` (a merge) on ``prompts`` and return its :class:`GateHealth`.
 
     Args:
         labels: per prompt, its expert's index (``None``: no accuracy rows).
         expert_prompts: per expert, its gate prompts, for :func:`self_routing` (``None``: skipped).
         steps, guidance_scale, seed: generation settings of the recordings.
+        frame: a recording's frame of ``prompts`` made already (the demo's, a notebook's), so they
+            are not generated again; only the experts' own prompts are then recorded.
     """
     from segmoe_lab.observe.recording import record_gates
 
     def record(ps):
         return top1_shares(record_gates(pipe, list(ps), steps=steps, guidance_scale=guidance_scale, seed=seed).frame())
 
-    shares = record(prompts)
+    shares = record(prompts) if frame is None else top1_shares(frame)
     self_rows = self_routing(record, expert_prompts, refit) if expert_prompts else None
     return health_from_shares(shares, labels, self_rows, source)
