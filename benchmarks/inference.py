@@ -29,7 +29,7 @@ torch = C.setup_torch(1)
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from segmoe_lab.merge.discovery import find_sites, get_module, set_module  # noqa: E402
+from segmoe_lab.merge.discovery import Site, find_sites, get_module, set_module  # noqa: E402
 from segmoe_lab.merge.kvcache import cache_cross_kv  # noqa: E402
 from segmoe_lab.merge.config import parse_config  # noqa: E402
 from segmoe_lab.merge.moe import MoELayer, iter_moe_layers, moe_layer, set_routing  # noqa: E402
@@ -38,14 +38,22 @@ from segmoe_lab.testing import unet_inputs  # noqa: E402
 
 
 
-def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int = 1, seed: int = 0) -> nn.Module:
-    """A merged copy of ``base``: each site's experts are seeded perturbations of it; random unit gate rows."""
+SWITCH = {"include_mid": True, "moe_extra": ["all"], "routing": "per_sample"}  # the toy default's whole-UNet switch
+
+
+def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int = 1, seed: int = 0,
+                    **extra) -> nn.Module:
+    """A merged copy of ``base``: each site's experts are seeded perturbations of it; random unit gate
+    rows. ``extra``: more config keys (``**SWITCH``: every layer, extra kinds included, per sample)."""
+    from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
+
     merged = copy.deepcopy(base)
     cfg = parse_config({"base_model": "bench", "type": "sd", "moe_layers": moe_layers, "num_experts_per_tok": top_k,
-                        "experts": [{"source_model": f"expert_{i}"} for i in range(n_experts)]})
+                        "experts": [{"source_model": f"expert_{i}"} for i in range(n_experts)], **extra})
     g = torch.Generator().manual_seed(seed)
+    sites = [*find_sites(merged, moe_layers, cfg.include_mid), *find_extra_sites(merged, cfg.moe_extra)]
     with torch.no_grad():
-        for s in find_sites(merged, moe_layers):
+        for s in sites:
             site = get_module(merged, s.path)
             experts = []
             for _ in range(n_experts):
@@ -55,7 +63,8 @@ def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int
                 experts.append(e)
             gate = nn.Linear(s.in_features, n_experts, bias=False)
             gate.weight.copy_(nn.functional.normalize(torch.randn(n_experts, s.in_features, generator=g), dim=-1))
-            set_module(merged, s.path, moe_layer(experts, cfg, gate))
+            factory = moe_layer if isinstance(s, Site) else extra_layer  # segmoe's sites, or an extra kind
+            set_module(merged, s.path, factory(experts, cfg, gate))
     return merged.eval()
 
 
@@ -139,10 +148,12 @@ def compressed_table(base, inputs, args) -> list[dict]:
     base_macs = count_macs(step_fn(base, inputs))
     base_tensors = {k: v.detach() for k, v in base.state_dict().items()}
     rows = []
-    for k in args.top_k:
-        full = merge_in_memory(base, "all", args.experts, top_k=k)
-        cfg = parse_config({"base_model": "bench", "type": "sd", "moe_layers": "all", "num_experts_per_tok": k,
-                            "experts": [{"source_model": f"expert_{i}"} for i in range(args.experts)]})
+    for k in [*args.top_k, "switch"]:
+        extra = SWITCH if k == "switch" else {}
+        top_k = 1 if k == "switch" else k
+        full = merge_in_memory(base, "all", args.experts, top_k=top_k, **extra)
+        cfg = parse_config({"base_model": "bench", "type": "sd", "moe_layers": "all", "num_experts_per_tok": top_k,
+                            "experts": [{"source_model": f"expert_{i}"} for i in range(args.experts)], **extra})
         merges = {"full experts": full}
         for rank in args.ranks:
             merges[f"rank {rank}"] = copy.deepcopy(full)
@@ -356,8 +367,9 @@ def main():
                   [("moe_layers", "moe_layers"), ("k", "k"), ("routing", "routing"), ("base_ms", "base ms"),
                    ("merge_ms", "merge ms"), ("time_ratio", "time ratio"), ("mac_ratio", "MAC ratio"),
                    ("vs_macs", "vs_macs"), ("executed_mac_ratio", "executed MACs")]))
-    print(f"\n{args.experts}x{{1,2}} all with compressed experts (segmoe routing): step time next to the multiply-adds "
-          "they execute (vs_macs goal <= 1.2)")
+    print(f"\n{args.experts}x{{1,2}} all with compressed experts (segmoe routing), and the whole-UNet switch "
+          f"({args.experts}x1, every layer kind, per-sample routing): step time next to the multiply-adds they execute "
+          "(vs_macs goal <= 1.2)")
     print(C.table(compressed_table(base, inputs, args),
                   [("k", "k"), ("experts", "experts"), ("base_ms", "base ms"), ("merge_ms", "merge ms"),
                    ("time_ratio", "time ratio"), ("mac_ratio", "executed MAC ratio"), ("vs_macs", "vs_macs")]))

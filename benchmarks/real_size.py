@@ -10,8 +10,9 @@ diffusers folders whose UNet is the base's with every weight of rank >= 2 moved 
     ||D||_F = 0.05 * ||W_0||_F
 
 (U, V: Gaussian with orthonormal-scale columns, N: Gaussian), a rank-16 signal plus noise holding
-9 % of the delta's energy, on the weights of the transformer blocks (where the MoE sites are). Gates are ``init: random`` (segmoe's hidden-state gates need a
-generation per expert, out of reach on a CPU). Every measurement runs in a fresh process; a watchdog
+9 % of the delta's energy, on every weight of rank >= 2 of the UNet (the whole-UNet switch routes them
+all). Gates are ``init: random`` (segmoe's hidden-state gates need a generation per expert, out of
+reach on a CPU); the switch's prompt router is fitted on the random text encoders. Every measurement runs in a fresh process; a watchdog
 kills one whose RSS passes ``--limit-gib`` (the machine is shared), and the row says so. The step is
 the UNet alone (random text embeddings; no text encoders or VAE run), batch 1, at ``--latent``.
 
@@ -35,7 +36,9 @@ from pathlib import Path
 import _common as C
 
 ST = {"torch.bfloat16": "BF16", "torch.float32": "F32", "torch.int64": "I64", "torch.float16": "F16"}
-CASES = {"2x1 attn": (2, 1, "attn"), "4x2 all": (4, 2, "all")}
+SWITCH = {"include_mid": True, "moe_extra": ["all"], "router": "prompt", "routing": "per_sample"}
+# name -> (experts, top-k, moe_layers, other config keys); "switch" is the toy default's whole-UNet switch
+CASES = {"2x1 attn": (2, 1, "attn", {}), "4x2 all": (4, 2, "all", {}), "4x1 switch": (4, 1, "all", SWITCH)}
 
 
 # --- writing random models, tensor by tensor -----------------------------------------------------------
@@ -97,8 +100,7 @@ def base_tensor(name: str, shape, dtype):
 
 
 def expert_tensor(i: int, base_file: Path):
-    """Expert ``i``'s UNet tensor: the base's, plus the stated delta on every weight of rank >= 2 of a
-    transformer block (where the MoE sites are; the rest is the base's, as the build reads only sites)."""
+    """Expert ``i``'s UNet tensor: the base's, plus the stated delta on every weight of rank >= 2."""
     from safetensors import safe_open
 
     f = safe_open(str(base_file), "pt")
@@ -107,7 +109,7 @@ def expert_tensor(i: int, base_file: Path):
         import torch
 
         w0 = f.get_tensor(name)
-        if len(shape) < 2 or "transformer_blocks" not in name:
+        if len(shape) < 2:
             return w0
         g = torch.Generator().manual_seed(zlib.crc32(f"{i}:{name}".encode()))
         out, inn = shape[0], int(torch.Size(shape[1:]).numel())
@@ -222,18 +224,28 @@ print("RESULT " + json.dumps(m))
 '''
 
 LOAD_STEP = C.MEMORY_PROBE + r'''
-import torch
+import gc, torch
 torch.set_num_threads(1)
 torch.manual_seed(0)
 probe = Probe(); t = time.perf_counter()
 if SEGMOE:
     from segmoe import SegMoEPipeline
-    unet = SegMoEPipeline(FOLDER, device="cpu", torch_dtype=torch.bfloat16).pipe.unet
+    pipe = SegMoEPipeline(FOLDER, device="cpu", torch_dtype=torch.bfloat16).pipe
 else:
     from segmoe_lab.merge.pipeline import SegMoEPipeline
-    unet = SegMoEPipeline(FOLDER, device="cpu", torch_dtype=torch.bfloat16).unet
+    pipe = SegMoEPipeline(FOLDER, device="cpu", torch_dtype=torch.bfloat16).pipe
+unet = pipe.unet
 load = probe.stop(); load["seconds"] = time.perf_counter() - t; load["hwm"] = _status("VmHWM:")
 load["unet_bytes"] = sum(p.numel() * p.element_size() for p in unet.parameters())
+# diffusers maps safetensors files: a weight becomes resident when first read. Read every weight of
+# the pipeline once, so "RSS after" is the resident size of the whole loaded pipeline (what
+# `estimate --resident` predicts), not of the pages touched so far.
+with torch.no_grad():
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            for p in m.parameters():
+                p.float().sum()
+gc.collect(); load["rss"] = _status("VmRSS:")
 c = unet.config
 x = {"sample": torch.randn(1, c.in_channels, LATENT, LATENT, dtype=torch.bfloat16), "timestep": torch.tensor(500),
      "encoder_hidden_states": torch.randn(1, 77, c.cross_attention_dim, dtype=torch.bfloat16)}
@@ -244,6 +256,7 @@ probe = Probe(); t = time.perf_counter()
 with torch.no_grad():
     unet(**x)
 step = probe.stop(); step["seconds"] = time.perf_counter() - t; step["hwm"] = _status("VmHWM:")
+gc.collect(); step["rss"] = _status("VmRSS:")
 print("RESULT " + json.dumps({"load": load, "step": step}))
 '''
 
@@ -259,12 +272,13 @@ print("RESULT " + json.dumps(m))
 '''
 
 
-def merge_config(models: dict, layout: str, n: int, k: int, layers: str, rank) -> dict:
+def merge_config(models: dict, layout: str, n: int, k: int, layers: str, rank, extra: dict) -> dict:
     from segmoe_lab.sources.layouts import model_type
 
     cfg = {"base_model": str(models["base"]), "type": model_type(layout), "num_experts": n, "num_experts_per_tok": k,
            "moe_layers": layers, "init": "random", "dtype": "bfloat16",
-           "experts": [{"source_model": str(e), "positive_prompt": f"expert {i}", "negative_prompt": ""} for i, e in enumerate(models["experts"][:n])]}
+           "experts": [{"source_model": str(e), "positive_prompt": f"expert {i}", "negative_prompt": "blurry"} for i, e in enumerate(models["experts"][:n])],
+           **extra}
     if rank:
         cfg["compress"] = {"rank": rank}
     return cfg
@@ -274,8 +288,9 @@ def estimated(cfg: dict) -> dict:
     from segmoe_lab.merge.config import parse_config
     from segmoe_lab.merge.estimate import estimate
 
-    e = estimate(parse_config(cfg))
-    return {"unet": e.merge_unet * 2, "pipeline": (e.merge_unet + e.others) * 2}  # bfloat16: 2 bytes a parameter
+    e = estimate(parse_config(cfg), runtime=True)
+    return {"unet": e.merge_unet * 2, "pipeline": (e.merge_unet + e.others) * 2,  # bfloat16: 2 bytes a parameter
+            "resident": e.resident_bytes("bfloat16")}
 
 
 def gib(b) -> float:
@@ -283,15 +298,16 @@ def gib(b) -> float:
 
 
 def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
-    models = write_models(root / layout, layout, max(n for n, _, _ in CASES.values()), args.distinct)
+    models = write_models(root / layout, layout, max(CASES[c][0] for c in args.cases), args.distinct)
     rows, limit = [], int(args.limit_gib * 2**30)
     for case in args.cases:
-        n, k, layers = CASES[case]
+        n, k, layers, extra = CASES[case]
         for rank in (args.rank, None):
-            cfg = merge_config(models, layout, n, k, layers, rank)
+            cfg = merge_config(models, layout, n, k, layers, rank, extra)
             est = estimated(cfg)
             form = f"rank {rank}" if rank else "full"
-            row = {"layout": layout, "case": case, "form": form, "est_unet_gib": gib(est["unet"]), "est_pipe_gib": gib(est["pipeline"])}
+            row = {"layout": layout, "case": case, "form": form, "est_unet_gib": gib(est["unet"]), "est_pipe_gib": gib(est["pipeline"]),
+                   "est_res_gib": gib(est["resident"])}
             if est["pipeline"] + 2**30 > limit:  # build holds the merged pipeline, plus an expert's site tensors
                 rows.append({**row, "what": "build", "note": f"not run: estimate {gib(est['pipeline']):.1f} GiB merged "
                              f"pipeline, over the {args.limit_gib:.0f} GiB cap on this shared machine"})
@@ -307,7 +323,7 @@ def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
             ls = run_watched(sys.executable, f"FOLDER = {str(out)!r}\nSEGMOE = False\nLATENT = {args.latent}\n" + LOAD_STEP, limit)
             for what in ("load", "step"):
                 rows.append({**row, "what": what, **_cols(ls.get(what, ls))})
-            if py_segmoe and not rank:
+            if py_segmoe and not rank and not extra:  # segmoe has no extra layer kinds
                 pred = est["unet"] * 3 + est["pipeline"]  # segmoe: fp32 UNet from config + its state dict + the pipeline
                 if pred > limit:
                     rows.append({**row, "what": "segmoe load", "note": f"not run: segmoe builds the merged UNet in float32 "
@@ -317,7 +333,7 @@ def measure(layout: str, root: Path, args, py_segmoe) -> list[dict]:
                     rows += [{**row, "what": f"segmoe {w}", **_cols(s.get(w, s))} for w in ("load", "step")]
                     import yaml
                     path = root / "merges" / f"segmoe_{layout}_{n}.yaml"
-                    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in ("dtype", "compress")}))
+                    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k not in ("dtype", "compress", *SWITCH)}))
                     s = run_watched(py_segmoe, f"CONFIG_PATH = {str(path)!r}\n" + SEGMOE_BUILD, limit)
                     rows.append({**row, "what": "segmoe build", **_cols(s)})
             print(C.table(rows[-3:], COLUMNS), flush=True)
@@ -331,12 +347,14 @@ def _cols(r: dict) -> dict:
         return {"note": r["error"]}
     # VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss across fork + exec, so a child's
     # ru_maxrss is at least this script's own peak (which writing the models raises)
-    return {"seconds": r["seconds"], "peak_rss_gib": gib(r.get("hwm", r["peak_rss"])), "unet_gib": gib(r.get("unet_bytes"))}
+    return {"seconds": r["seconds"], "peak_rss_gib": gib(r.get("hwm", r["peak_rss"])), "unet_gib": gib(r.get("unet_bytes")),
+            "rss_gib": gib(r.get("rss"))}
 
 
 COLUMNS = [("layout", "layout"), ("case", "merge"), ("form", "experts"), ("what", "what"), ("seconds", "wall s"),
-           ("peak_rss_gib", "peak RSS GiB"), ("unet_gib", "UNet weights GiB"), ("est_unet_gib", "estimate UNet GiB"),
-           ("est_pipe_gib", "estimate pipeline GiB"), ("note", "note")]
+           ("peak_rss_gib", "peak RSS GiB"), ("rss_gib", "RSS after GiB"), ("unet_gib", "UNet weights GiB"),
+           ("est_unet_gib", "estimate UNet GiB"), ("est_pipe_gib", "estimate pipeline GiB"),
+           ("est_res_gib", "estimate resident GiB"), ("note", "note")]
 
 
 def main():

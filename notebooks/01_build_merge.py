@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -150,9 +152,11 @@ print(f"saved to {folder}; the reloaded merge's image differs by at most {diff} 
 
 # %% [markdown]
 # ## 7. Compressed experts
-# Each expert's site weights as a shared `W_0` plus a rank-`rank` delta (truncated SVD; `compress:`
-# in a config, or `segmoe-lab compress`; `W_0` here is the experts' mean). Bytes, the image
-# difference, and on the toy world ground truth at two ranks (the full study: docs/rank_quality.png).
+# Each expert's weights at every routed layer (the toy default routes the whole UNet: ResNet
+# convolutions and norms included) as a shared `W_0` plus a rank-`rank` delta (truncated SVD;
+# `compress:` in a config, or `segmoe-lab compress`; `W_0` here is the experts' mean). Bytes, the
+# image difference, and on the toy world's held-out prompts the ground truth at two ranks, with the
+# share of the model oracle's gain each keeps (the full study: docs/rank_quality.png).
 
 # %%
 from segmoe_lab.merge.lowrank import compress_unet, lowrank_bytes

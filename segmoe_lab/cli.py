@@ -200,7 +200,9 @@ def runs_cmd(out: Path = typer.Option(Path("runs"), "--out", help="runs folder")
 def estimate(config: Path = typer.Argument(..., help="merge config (YAML) or merge folder"),
              layout: Optional[str] = typer.Option(None, help="UNet layout to assume: sd15, sdxl, vega or ssd1b "
                                                              "(default: from the base model, else by type)"),
-             rank: Optional[int] = typer.Option(None, help="count experts as base + rank-R deltas (a config file only)")):
+             rank: Optional[int] = typer.Option(None, help="count experts as base + rank-R deltas (a config file only)"),
+             resident: bool = typer.Option(False, help="also predict resident memory after loading on this machine "
+                                                       "(weights + the runtime's memory, measured in a child process)")):
     """Print parameter counts and float16/float32 weight memory of the base and the merge, loading no weights."""
     from segmoe_lab.errors import SettingsError
     from segmoe_lab.merge.config import load_config
@@ -212,7 +214,7 @@ def estimate(config: Path = typer.Argument(..., help="merge config (YAML) or mer
     if rank is not None and config.is_dir():
         raise SettingsError("--rank applies to a config file; a compressed merge folder's ranks are read from it")
     target = config if rank is None else load_config(config).updated(compress={"rank": rank})
-    typer.echo(run_estimate(target, layout=layout).table())
+    typer.echo(run_estimate(target, layout=layout, runtime=resident).table())
 
 
 # --- compress / export (experts as low-rank deltas; issue 18) -------------------------------------

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from segmoe_lab.merge import compressed_io
 from segmoe_lab.merge import io as merge_io
 from segmoe_lab.merge.config import ConfigError, CompressOptions, parse_config
-from segmoe_lab.merge.lowrank import LowRankMoELayer, choose_rank, delta_factors, lowrank_bytes
+from segmoe_lab.merge.deltas import choose_rank, delta_factors
+from segmoe_lab.merge.lowrank import LowRankMoELayer, lowrank_bytes
 from segmoe_lab.merge.moe import ROUTINGS, MoELayer, moe_layer
 from segmoe_lab.merge.pipeline import SegMoEPipeline
 from segmoe_lab.testing import unet_inputs

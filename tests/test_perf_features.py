@@ -2,6 +2,7 @@
 model and expert offload, streamed builds; and the memory estimate (issue 9). No timings here:
 speed is measured by the scripts in benchmarks/."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from segmoe_lab.merge import moe
-from segmoe_lab.merge.build import _read_safetensors_into, build_merge
+from segmoe_lab.merge.build import build_merge
+from segmoe_lab.merge.streaming import _read_safetensors_into
 from segmoe_lab.merge.kvcache import cache_cross_kv, cross_kv_projections
 from segmoe_lab.merge.moe import ROUTINGS, MoELayer, iter_moe_layers, route, set_routing
 from segmoe_lab.merge.offload import enable_expert_offload, resident_bytes_plan
@@ -298,3 +300,44 @@ def test_estimate_cli_prints_the_table_and_reads_merge_folders(fixture_sets, tmp
     assert "merged UNet (2 experts" in result.output and "float16" in result.output
     bad = runner.invoke(app, ["estimate", str(tmp_path / "m"), "--layout", "sdxl2"])
     assert bad.exit_code == 2 and "choose one of" in bad.output
+
+
+def test_resident_estimate_is_the_weights_plus_the_measured_runtime(fixture_sets, tmp_path):
+    from typer.testing import CliRunner
+
+    from segmoe_lab.cli import app
+    from segmoe_lab.merge.estimate import estimate
+
+    cfg = fixture_sets["sd15"].config(moe_layers="attn", init="random")
+    est = estimate(cfg, runtime=True)
+    assert est.runtime > 50 * 2**20  # an interpreter with torch and diffusers imported holds far more than 50 MiB
+    assert est.resident_bytes("float32") == (est.merge_unet + est.others) * 4 + est.runtime
+    with pytest.raises(ValueError, match="runtime=True"):
+        estimate(cfg).resident_bytes()
+    config = tmp_path / "resident.yaml"
+    config.write_text(json.dumps(cfg.model_dump()))  # JSON is YAML
+    result = CliRunner().invoke(app, ["estimate", str(config), "--resident"])
+    assert result.exit_code == 0, result.output
+    assert "resident after loading (float16)" in result.output
+
+
+# --- a build reads experts a group of sites at a time --------------------------------------------------
+def test_reading_expert_sites_in_small_groups_builds_the_same_merge(fixture_sets, monkeypatch):
+    from segmoe_lab.merge import streaming
+
+    cfg = fixture_sets["sd15"].config(moe_layers="all", include_mid=True, moe_extra=["all"], init="random")
+    torch.manual_seed(0)
+    whole = build_merge(cfg, progress=False).unet.state_dict()
+    groups, real = [], streaming._read_safetensors_into
+
+    def spy(path, targets):
+        groups.append(len(targets))
+        real(path, targets)
+
+    monkeypatch.setattr(streaming, "READ_CHUNK", 1)  # every site is its own group
+    monkeypatch.setattr(streaming, "_read_safetensors_into", spy)
+    torch.manual_seed(0)
+    chunked = build_merge(cfg, progress=False).unet.state_dict()
+    assert len(groups) > 10 * len(cfg.experts) and max(groups) <= 12  # one site's tensors per read, never a UNet
+    assert chunked.keys() == whole.keys()
+    assert all(torch.equal(chunked[k], whole[k]) for k in whole)

@@ -2,7 +2,8 @@
 
 Memory is kept to one UNet plus the merged sites: the base pipeline is loaded once; each expert
 is read into the base's UNet in place (when its gate rows need a generation, or it has LoRAs to
-fuse) or only its site tensors are read from its weights file; after the experts, the base's own
+fuse) or only its site tensors are read from its weights file, a group of sites at a time
+(:mod:`segmoe_lab.merge.streaming`); after the experts, the base's own
 UNet tensors are streamed back. No expert pipeline is ever loaded whole.
 
 Example::
@@ -13,13 +14,11 @@ Example::
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -42,9 +41,11 @@ from segmoe_lab.merge.gating import (
     get_gate_init,
     warn_degenerate,
 )
+from segmoe_lab.merge import lowrank as _lowrank  # noqa: F401  (importing it registers the compressed layer kinds)
+from segmoe_lab.merge.deltas import SiteCompressor, compressible
 from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
-from segmoe_lab.merge.lowrank import SiteCompressor
 from segmoe_lab.merge.moe import moe_layer
+from segmoe_lab.merge.streaming import _stream_unet_into, read_sites
 from segmoe_lab.merge.prompt_router import (
     Gate,
     attach_router,
@@ -163,48 +164,6 @@ def _site_module(base_site: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
     return m
 
 
-# --- streaming reads (issue 9: build peak memory) ---------------------------------------------
-# Loading an expert's whole UNet as a state dict holds a second UNet in memory (plus the file's
-# pages, mapped by safetensors); these read each tensor from disk straight into the UNet's own
-# parameter with plain file reads, so the transient is one tensor.
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def _read_safetensors_into(path, targets: list[tuple[str, torch.Tensor]]) -> None:
-    """Copy tensors ``key`` of a safetensors file into ``dst`` (same shape), one at a time, without mmap."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header, start = json.loads(f.read(n)), 8 + n
-        for key, dst in targets:
-            info = header[key]
-            lo, hi = info["data_offsets"]
-            dtype = _ST_DTYPES[info["dtype"]]
-            f.seek(start + lo)
-            direct = dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu"
-            buf = dst if direct else torch.empty(dst.shape, dtype=dtype)
-            raw = buf.reshape(-1).view(torch.uint8)  # (nbytes,) view of buf
-            if raw.numel() != hi - lo or f.readinto(memoryview(raw.numpy())) != hi - lo:
-                raise sources.SourceError(f"{path}: tensor {key} is truncated or not {tuple(dst.shape)}")
-            if not direct:
-                dst.copy_(buf)
-
-
-def _stream_unet_into(res, model_type: str, unet_config: dict, unet: nn.Module) -> bool:
-    """Overwrite ``unet``'s tensors with a source's, streamed (see above). False where the source is
-    not safetensors (pickles are read whole by :mod:`sources`); the caller then loads a state dict."""
-    with sources.open_unet_tensors(res, model_type, unet_config) as t:
-        where = getattr(t, "_where", None)  # diffusers name -> (file, key); reads headers only
-        if getattr(t, "_loaded", None) is not None or not where:
-            return False
-    by_file: dict = {}
-    for name, dst in unet.state_dict().items():  # detached tensors sharing the parameters' storage
-        file, key = where[name]
-        by_file.setdefault(file, []).append((key, dst))
-    for file, targets in by_file.items():
-        _read_safetensors_into(file, targets)
-    return True
-
-
 def _load_unet_weights(res, model_type: str, unet: nn.Module, what: str, shapes: dict) -> None:
     """Replace ``unet``'s weights with a source's (same architecture, checked from file headers first)."""
     config = dict(unet.config)
@@ -257,18 +216,16 @@ class _Builder:
     def _needs_full_unet(self, spec: ExpertSpec) -> bool:
         return self.gate_init.needs_capture or bool(spec.loras)
 
-    def read_expert(self, i: int, spec: ExpertSpec) -> tuple[dict[str, dict], Optional[dict]]:
-        """Site tensors of expert ``i`` (and its captured hidden rows, for ``init=hidden``)."""
+    def read_expert(self, i: int, spec: ExpertSpec) -> tuple[Iterator[tuple[str, dict]], Optional[dict]]:
+        """``(path, site tensors)`` of expert ``i``, one site at a time (and its captured hidden rows,
+        for ``init=hidden``)."""
         what = f"expert {i} ({spec.source})"
         res = self.base_res if spec.source == self.cfg.base_model else sources.resolve_source(spec.source, model_type=self.cfg.type)
         unet = self.pipe.unet
         if not self._needs_full_unet(spec):
             # shapes first (cheap: file headers), so a mismatch fails before any tensor is read
             check_same_architecture(self.shapes, sources.unet_tensor_shapes(res, self.cfg.type, dict(unet.config)), what)
-            names = [k for k in self.shapes if k.startswith(self.prefixes)]
-            state = sources.read_unet_tensors(res, self.cfg.type, dict(unet.config), names=names)
-            return {s.path: {k[len(s.path) + 1:]: state[k].to(self.dtype) for k in names if k.startswith(s.path + ".")}
-                    for s in (*self.sites, *self.extra)}, None
+            return self._read_sites(res), None
         if self.base_fused and self._base_copy is None:
             self._base_copy = {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
         _load_unet_weights(res, self.cfg.type, unet, what, self.shapes)  # streamed: no second UNet in memory
@@ -280,7 +237,11 @@ class _Builder:
             # one generation per positive prompt (a single prompt: exactly segmoe's capture)
             hidden = [capture_hidden(self.pipe, [*self.sites, *self.extra], p, spec.negative, self.cfg.gate, seed=self.cfg.seed)
                       for p in spec.positives]
-        return {s.path: _site_tensors(unet, s) for s in (*self.sites, *self.extra)}, hidden
+        return ((s.path, _site_tensors(unet, s)) for s in (*self.sites, *self.extra)), hidden
+
+    def _read_sites(self, res) -> Iterator[tuple[str, dict]]:
+        sites = [s.path for s in (*self.sites, *self.extra)]
+        return read_sites(res, self.cfg.type, dict(self.pipe.unet.config), sites, self.shapes, self.dtype)
 
     def restore_base(self) -> None:
         """Put the base's own (non-site) UNet tensors back after experts were swapped in."""
@@ -300,7 +261,7 @@ class _Builder:
         with self._scheduler_for_gates():
             for i, spec in enumerate(tqdm(specs, desc="experts", disable=not self.progress)):
                 tensors, rows = self.read_expert(i, spec)
-                for path, t in tensors.items():
+                for path, t in tensors:
                     if compressors and path in compressors:  # each delta is factored as it arrives: no full stacks
                         compressors[path].add({n: v.to(self.dtype) for n, v in t.items()})
                     else:
@@ -318,7 +279,7 @@ class _Builder:
         for s in tqdm([*self.sites, *self.extra], desc="MoE sites", disable=not self.progress):
             base_site = get_module(unet, s.path)
             stacks = per_site.pop(s.path)
-            if compressors and s.path in compressors:  # compressed experts: extra kinds stay full (for now)
+            if compressors and s.path in compressors:  # compressed experts (norms have nothing to factor: full)
                 experts = compressors.pop(s.path).experts()
             else:
                 experts = [_site_module(base_site, {n: st[i] for n, st in stacks.items()}) for i in range(len(specs))]
@@ -328,7 +289,7 @@ class _Builder:
                     else nn.Linear(s.in_features, len(specs), bias=False, device=self.device, dtype=self.dtype))
             with torch.no_grad():
                 gate.weight.copy_(rows)
-            layer = moe_layer(experts, self.cfg, gate, base=base_site) if isinstance(s, Site) else extra_layer(experts, self.cfg, gate)
+            layer = (moe_layer if isinstance(s, Site) else extra_layer)(experts, self.cfg, gate, base=base_site)
             set_module(unet, s.path, layer.to(self.device))
         if self.cfg.router == "prompt":
             router = fit_router(pipeline_text_encode(self.pipe), [spec.positives for spec in specs],
@@ -348,7 +309,8 @@ class _Builder:
         copy_ = any(self._needs_full_unet(spec) for spec in specs)
         unet = self.pipe.unet
         return {s.path: SiteCompressor({k: v.clone() if copy_ else v for k, v in _site_tensors(unet, s).items()},
-                                       self.cfg.compress) for s in self.sites}
+                                       self.cfg.compress)
+                for s in (*self.sites, *self.extra) if compressible(get_module(unet, s.path))}
 
     @contextmanager
     def _scheduler_for_gates(self):

@@ -9,14 +9,15 @@ import torch
 from segmoe_lab.merge.config import MergeConfig
 from segmoe_lab.merge.folder_checks import MergeFolderError
 from segmoe_lab.merge.io import _DTYPES, load_merge, read_merge_config, save_merge
-from segmoe_lab.merge.moe import iter_moe_layers
 
 
 def _base_site_tensors(cfg: MergeConfig, unet) -> Optional[dict[str, torch.Tensor]]:
     """The base model's tensors at ``unet``'s MoE sites, or None when the base cannot be read offline."""
     from segmoe_lab import sources
 
-    names = [f"{path}.{n}" for path, layer in iter_moe_layers(unet) for n, _ in layer.experts[0].named_parameters()]
+    from segmoe_lab.merge.lowrank import routed_layers
+
+    names = [f"{path}.{n}" for path, layer in routed_layers(unet) for n, _ in layer.experts[0].named_parameters()]
     try:
         res = sources.resolve_source(cfg.base_model, model_type=cfg.type)
         return sources.read_unet_tensors(res, cfg.type, dict(unet.config), names=names)

@@ -8,7 +8,10 @@ comes from the base model's folder when it is local, from a single file's tensor
 the real configs in :mod:`segmoe_lab.sources.layouts` (SD 1.5 for ``type: sd``, SDXL base for
 ``type: sdxl``, or a ``layout`` chosen by the caller: ``vega``, ``ssd1b``); so this works offline.
 
-Counts are of weights only: activations, the CUDA context and allocator slack come on top.
+Counts are of weights; :func:`runtime_bytes` adds what a run holds besides weights on this machine
+(the interpreter and the imported libraries, measured in a fresh process), so
+``estimate(cfg, runtime=True).resident_bytes("bfloat16")`` predicts the resident memory of a
+loaded CPU merge. Activations, the CUDA context and allocator slack come on top.
 
 Example::
 
@@ -25,7 +28,7 @@ from typing import Optional, Union
 from segmoe_lab.merge.config import MergeConfig, load_config
 from segmoe_lab.sources import layouts
 
-BYTES = {"float16": 2, "float32": 4}
+BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 _OUR_KEYS = ("segmoe_config", "segmoe_lab_config", "segmoe_lab_lowrank")
 
 
@@ -54,6 +57,7 @@ class Estimate:
     offload_unet: int  # parameters on the accelerator with expert offload (top_k slots per site)
     text_encoders: Optional[int]
     vae: Optional[int]
+    runtime: Optional[int] = None  # bytes a loaded run holds besides weights (runtime_bytes), when measured
 
     @property
     def others(self) -> int:
@@ -81,12 +85,50 @@ class Estimate:
                  f"  {'':<66}{'params':>12}{'float16':>12}{'float32':>12}"]
         for name, n in self.rows():
             lines.append(f"  {name:<66}{_count(n):>12}{_gib(n * BYTES['float16']):>12}{_gib(n * BYTES['float32']):>12}")
-        lines.append("  weights only; activations and the CUDA context come on top.")
+        if self.runtime is not None:
+            for dtype in ("float16", "float32"):
+                lines.append(f"  resident after loading ({dtype}): merged pipeline + {_gib(self.runtime)} runtime measured "
+                             f"here = {_gib(self.resident_bytes(dtype))}")
+            lines.append("  activations and the CUDA context come on top.")
+        else:
+            lines.append("  weights only; activations and the CUDA context come on top.")
         return "\n".join(lines)
+
+    def resident_bytes(self, dtype: str = "float16") -> int:
+        """Predicted resident memory of the loaded merged pipeline at ``dtype`` on a CPU: its weights
+        plus :attr:`runtime` (measure it with ``estimate(..., runtime=True)``)."""
+        if self.runtime is None:
+            raise ValueError("resident_bytes needs the measured runtime: estimate(config, runtime=True)")
+        return (self.merge_unet + self.others) * BYTES[dtype] + self.runtime
 
     def bytes(self, what: str, dtype: str = "float16") -> int:
         """Bytes of one row (by its name in :meth:`rows`) at ``dtype``."""
         return dict(self.rows())[what] * BYTES[dtype]
+
+
+_RUNTIME: dict[str, int] = {}
+_RUNTIME_PROBE = """
+import diffusers, torch, transformers
+import segmoe_lab.merge.pipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+with open("/proc/self/status") as f:
+    print(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")))
+"""
+
+
+def runtime_bytes() -> int:
+    """Resident bytes of a fresh Python process that imported what running a merge needs (torch,
+    diffusers, transformers, this kit): the part of a loaded merge's memory that is not weights,
+    measured on this machine in a child process (a few seconds; once per session). Linux only."""
+    import subprocess
+    import sys
+
+    if "rss" not in _RUNTIME:
+        out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0 or not out.stdout.strip().isdigit():
+            raise RuntimeError(f"measuring the runtime's memory failed: {out.stderr.strip()[-300:]}")
+        _RUNTIME["rss"] = int(out.stdout.strip())
+    return _RUNTIME["rss"]
 
 
 def _count(n: int) -> str:
@@ -147,7 +189,8 @@ def meta_merge(unet_config: dict, cfg: MergeConfig, ranks: Optional[dict[str, di
     from diffusers import UNet2DConditionModel
 
     from segmoe_lab.merge.discovery import find_sites, get_module, set_module
-    from segmoe_lab.merge.lowrank import planned_ranks, skeleton_experts
+    from segmoe_lab.merge.deltas import compressible, planned_ranks, skeleton_experts
+    from segmoe_lab.merge import lowrank as _lowrank  # noqa: F401  (importing it registers the compressed layer kinds)
     from segmoe_lab.merge.moe import moe_layer
 
     with init_empty_weights():
@@ -167,7 +210,11 @@ def meta_merge(unet_config: dict, cfg: MergeConfig, ranks: Optional[dict[str, di
         extra = find_extra_sites(unet, cfg.moe_extra)  # moe_extra's kinds cost E copies of their layers too
         for s in extra:
             site = get_module(unet, s.path)
-            set_module(unet, s.path, extra_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
+            if cfg.compress is not None and compressible(site):
+                r = ranks[s.path] if ranks else planned_ranks(site, cfg.compress)
+                set_module(unet, s.path, extra_layer(skeleton_experts(site, cfg.num_experts, r), cfg, base=site))
+            else:
+                set_module(unet, s.path, extra_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
     return base, unet, [*sites, *extra]
 
 
@@ -175,16 +222,19 @@ def _saved_ranks(folder: Path) -> Optional[dict[str, dict[str, int]]]:
     """Site -> weight -> rank of a compressed merge folder, from its file header (None if not compressed)."""
     from safetensors import safe_open
 
-    from segmoe_lab.merge.io import LOWRANK_WEIGHTS, is_compressed
+    from segmoe_lab.merge.io import EXTRAS_WEIGHTS, LOWRANK_WEIGHTS, is_compressed
 
     if not is_compressed(folder):
         return None
     ranks: dict[str, dict[str, int]] = {}
-    with safe_open(str(folder / "unet" / LOWRANK_WEIGHTS), "pt") as f:
-        for k in f.keys():
-            site, sep, rest = k.partition(".experts.0.A.")
-            if sep:
-                ranks.setdefault(site, {})[rest.replace("__", ".")] = f.get_slice(k).get_shape()[0]
+    for name in (LOWRANK_WEIGHTS, EXTRAS_WEIGHTS):  # segmoe's sites; compressed extra kinds
+        if not (folder / "unet" / name).is_file():
+            continue
+        with safe_open(str(folder / "unet" / name), "pt") as f:
+            for k in f.keys():
+                site, sep, rest = k.partition(".experts.0.A.")
+                if sep:
+                    ranks.setdefault(site, {})[rest.replace("__", ".")] = f.get_slice(k).get_shape()[0]
     return ranks
 
 
@@ -208,15 +258,15 @@ def _vae_params(config: dict) -> int:
         return _params(AutoencoderKL.from_config(config))
 
 
-def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None) -> Estimate:
+def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None, runtime: bool = False) -> Estimate:
     """Parameter counts of a merge and its base, without loading weights.
 
     Args:
         config (`MergeConfig`, or the path of a YAML config or of a merge folder).
         layout (`str`, *optional*): one of :data:`segmoe_lab.sources.layouts.LAYOUTS`, overriding the
             layout found from the config (e.g. ``"vega"`` or ``"ssd1b"`` for a hub id not known here).
+        runtime (`bool`): also measure :func:`runtime_bytes`, for :meth:`Estimate.resident_bytes`.
     """
-    from segmoe_lab.merge.moe import iter_moe_layers
     from segmoe_lab.merge.offload import resident_bytes_plan
 
     configs = ranks = None
@@ -236,8 +286,9 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
 
     offload = resident_bytes_plan(unet, dtype=torch.float32)["total"] // 4  # bytes at 4 per parameter
     from segmoe_lab.merge.kinds import iter_extra_layers
+    from segmoe_lab.merge.lowrank import routed_layers
 
-    layers = [*iter_moe_layers(unet), *iter_extra_layers(unet)]
+    layers = routed_layers(unet)
     active = merged - sum((layer.num_experts - layer.top_k) * _params(layer.experts[0]) for _, layer in layers)
     extra_params = sum(_params(layer) for _, layer in iter_extra_layers(unet))
     # (expert offload streams only segmoe's sites: extra kinds are counted resident in offload_unet)
@@ -248,4 +299,4 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
     return Estimate(title, configs.source, len(sites), cfg.num_experts, min(cfg.num_experts_per_tok, cfg.num_experts),
                     base, merged, active, offload,
                     _text_encoder_params(configs.text_encoders) if configs.text_encoders else None,
-                    _vae_params(configs.vae) if configs.vae else None)
+                    _vae_params(configs.vae) if configs.vae else None, runtime_bytes() if runtime else None)

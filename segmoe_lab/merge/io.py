@@ -53,8 +53,10 @@ from segmoe_lab.merge.folder_checks import (
     _moe_sites_from_keys,
 )
 from segmoe_lab.merge.kinds import extra_layer, find_extra_sites, iter_extra_layers
-from segmoe_lab.merge.lowrank import LowRankMoELayer, skeleton_experts
+from segmoe_lab.merge.deltas import skeleton_experts
+from segmoe_lab.merge.lowrank import LowRankMoELayer, LowRankSampleMoE
 from segmoe_lab.merge.moe import iter_moe_layers, moe_layer
+from segmoe_lab.merge.streaming import _read_safetensors_into
 from segmoe_lab.merge.prompt_router import (
     ROUTER_NAME,
     Gate,
@@ -62,7 +64,7 @@ from segmoe_lab.merge.prompt_router import (
     attach_router,
 )
 from segmoe_lab.safe_load import load_json
-from segmoe_lab.sources.weightfile import open_weights, read_weights
+from segmoe_lab.sources.weightfile import open_weights
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 EXTRAS_WEIGHTS = "segmoe_lab_extras.safetensors"
@@ -200,23 +202,38 @@ def split_extras(unet) -> tuple[dict, dict]:
         else:
             main[k] = v
     for path, layer in iter_extra_layers(unet):
+        if isinstance(layer, LowRankSampleMoE):
+            continue  # a compressed merge's UNet file is segmoe-lab's own: no averaged copy for segmoe
         for name, _ in layer.experts[0].named_parameters():
             main[f"{path}.{name}"] = torch.stack([e.get_parameter(name).detach() for e in layer.experts]).mean(0)
     return main, extras
 
 
 def _install_extras(unet, cfg: MergeConfig, extras: dict) -> None:
-    """Meta layers for what the extras file holds (called inside ``init_empty_weights``)."""
+    """Meta layers for what the extras file holds (name -> shape; called inside ``init_empty_weights``)."""
     for s in find_extra_sites(unet, cfg.moe_extra):
         base = get_module(unet, s.path)
-        set_module(unet, s.path, extra_layer([copy.deepcopy(base) for _ in range(cfg.num_experts)], cfg))
+        ranks = _saved_ranks(extras, s.path, base)
+        experts = (skeleton_experts(base, cfg.num_experts, ranks) if ranks
+                   else [copy.deepcopy(base) for _ in range(cfg.num_experts)])
+        set_module(unet, s.path, extra_layer(experts, cfg, base=base))
     for k in extras:
         if k.endswith(".gate.offset"):
             layer = get_module(unet, k[: -len(".gate.offset")])
             layer.gate = Gate.like(layer.gate, torch.zeros(layer.gate.out_features))
     if f"{ROUTER_NAME}.weight" in extras:
-        setattr(unet, ROUTER_NAME, PromptRouter(torch.zeros_like(extras[f"{ROUTER_NAME}.weight"]),
-                                                torch.zeros_like(extras[f"{ROUTER_NAME}.bias"]), cfg.gate.router_pool))
+        setattr(unet, ROUTER_NAME, PromptRouter(torch.zeros(extras[f"{ROUTER_NAME}.weight"]),
+                                                torch.zeros(extras[f"{ROUTER_NAME}.bias"]), cfg.gate.router_pool))
+
+
+def _saved_ranks(tensors: Mapping, path: str, base) -> Optional[dict[str, int]]:
+    """Weight name -> rank of the compressed experts saved at ``path`` (``A`` is ``(rank, in)``), or
+    None where the site's experts are saved full. ``tensors`` maps names to tensors or shapes."""
+    names = [n for n, p in base.named_parameters() if p.dim() >= 2]
+    keys = {n: f"{path}.experts.0.A.{n.replace('.', '__')}" for n in names}
+    if not names or not all(k in tensors for k in keys.values()):
+        return None
+    return {n: tuple(tensors[k].shape if hasattr(tensors[k], "shape") else tensors[k])[0] for n, k in keys.items()}
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -269,14 +286,13 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
     weights = folder / "unet" / (LOWRANK_WEIGHTS if compressed else UNET_WEIGHTS)
     if not weights.is_file():
         raise MergeFolderError(f"{folder}: {weights} is missing; the merge was not saved completely")
-    with open_weights(weights) as f:
-        shapes = {k: tuple(f.shape(k)) for k in f.keys()}
+    shapes = _file_shapes(weights)
     sites = _moe_sites_from_keys(shapes)
     if not sites:
         raise MergeFolderError(f"{weights} holds no MoE layers (no '<site>.gate.weight' tensors)")
     _check_experts(sites, cfg, weights)
     extras_file = folder / "unet" / EXTRAS_WEIGHTS
-    extras = read_weights(extras_file) if extras_file.is_file() else {}
+    extras = _file_shapes(extras_file) if extras_file.is_file() else {}  # name -> shape; read below
     if (cfg.moe_extra or cfg.router != "none") and not extras:
         raise MergeFolderError(f"{folder}: its config routes moe_extra={cfg.moe_extra} router={cfg.router} but "
                                f"{extras_file} is missing; the merge was not saved completely")
@@ -289,29 +305,32 @@ def load_merged_unet(folder: Union[str, Path], torch_dtype: torch.dtype = torch.
         _check_sites(sites, {s.path for s in find_sites(unet, cfg.moe_layers, cfg.include_mid)}, cfg, weights)
         for path, n in sites.items():
             base = get_module(unet, path)
-            if compressed:  # ranks from the file's shapes: A is (rank, in)
-                ranks = {name: shapes[f"{path}.experts.0.A.{name.replace('.', '__')}"][0]
-                         for name, p in base.named_parameters() if p.dim() >= 2}
-                set_module(unet, path, moe_layer(skeleton_experts(base, n, ranks), cfg, base=base))
+            if compressed:
+                set_module(unet, path, moe_layer(skeleton_experts(base, n, _saved_ranks(shapes, path, base)), cfg, base=base))
             else:
                 set_module(unet, path, moe_layer([copy.deepcopy(base) for _ in range(n)], cfg))
         _install_extras(unet, cfg, extras)
-    if extras:  # segmoe's averaged copies of the extra layers are only for segmoe
-        plain = tuple(p + "." for p, _ in iter_extra_layers(unet))
-        shapes = {k: s for k, s in shapes.items() if not k.startswith(plain)}
-        shapes.update({k: tuple(v.shape) for k, v in extras.items()})
-    _check_shapes({k: tuple(v.shape) for k, v in unet.state_dict().items()}, shapes, weights)
-    state = read_weights(weights)
+    plain = tuple(p + "." for p, _ in iter_extra_layers(unet))  # segmoe's averaged copies: only for segmoe
+    main = {k: s for k, s in shapes.items() if not (extras and k.startswith(plain))}
+    _check_shapes({k: tuple(v.shape) for k, v in unet.state_dict().items()}, {**main, **extras}, weights)
+    # Allocate the merged UNet once (experts as views of their stacks) and read every tensor straight
+    # into it with plain file reads: never a state dict beside the model, and no mapped file pages.
+    unet.to(torch_dtype)  # still on the meta device: free
+    unet.to_empty(device="cpu")
+    state = unet.state_dict()
+    _read_safetensors_into(weights, [(k, state[k]) for k in main])
     if extras:
-        state = {k: v for k, v in state.items() if not k.startswith(plain)}
-        state.update(extras)
-    unet.load_state_dict(state, assign=True)
+        _read_safetensors_into(extras_file, [(k, state[k]) for k in extras])
     del state
     for _, layer in iter_moe_layers(unet):
-        layer.restack()  # assign=True replaced the experts' stacked views with separate tensors
-    if unet.dtype != torch_dtype:
-        unet.to(torch_dtype)
+        layer.restack()  # adopts the views it already has (no copy)
     return unet.eval(), cfg
+
+
+def _file_shapes(path: Path) -> dict[str, tuple]:
+    """Tensor name -> shape of a safetensors file (its header, checked; no tensor is read)."""
+    with open_weights(path) as f:
+        return {k: tuple(f.shape(k)) for k in f.keys()}
 
 
 def is_compressed(folder: Union[str, Path]) -> bool:

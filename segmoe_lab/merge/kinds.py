@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +164,10 @@ class SampleMoE(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, routing={self.policy.name!r}"
 
+    def run_expert(self, e: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Expert ``e`` on the rows ``x`` routed to it (compressed layers override this)."""
+        return self.experts[e](x, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         logits = self.gate(pool(x).unsqueeze(1))  # (B, 1, E)
         idx = self.policy.choose(logits, self.top_k)  # (B, 1, k)
@@ -171,7 +175,7 @@ class SampleMoE(nn.Module):
         if self.policy.scope is Scope.BATCH or x.shape[0] == 1:
             out = None
             for j, e in enumerate(idx[0, 0].tolist()):
-                y = self.experts[e](x, *args, **kwargs)
+                y = self.run_expert(e, x, *args, **kwargs)
                 y = y if self.top_k == 1 else y * weights[0, 0, j]
                 out = y if out is None else out + y
             return out
@@ -180,7 +184,7 @@ class SampleMoE(nn.Module):
         out = None
         for e in torch.unique(idx[:, 0]).tolist():
             rows = (idx[:, 0] == e).any(-1)
-            y = self.experts[e](x[rows], *args, **kwargs)
+            y = self.run_expert(e, x[rows], *args, **kwargs)
             w = dense[rows, e].view(-1, *([1] * (y.dim() - 1)))
             if out is None:
                 out = y.new_zeros((B, *y.shape[1:]))
@@ -188,9 +192,34 @@ class SampleMoE(nn.Module):
         return out
 
 
-def extra_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None) -> SampleMoE:
+# Compressed experts (merge.lowrank) register a hook here instead of being imported (that would be
+# a cycle): ``fn(experts, cfg, gate, base) -> SampleMoE | None`` (None: not its kind).
+EXTRA_VARIANTS: list[Callable] = []
+
+
+def register_extra_variant(fn: Callable) -> Callable:
+    """Add a layer variant to :func:`extra_layer` (see :data:`EXTRA_VARIANTS`)."""
+    EXTRA_VARIANTS.append(fn)
+    return fn
+
+
+def extra_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None,
+                base: nn.Module | None = None) -> SampleMoE:
     """The :class:`SampleMoE` of one extra site for a merge config (its top-k and routing); the
-    one factory for extra sites, used by build, load and estimate."""
+    one factory for extra sites, used by build, load and estimate. ``base`` is the site's base
+    module: with ``cfg.compress`` (or experts already compressed) the experts become ``base`` plus
+    low-rank deltas (:mod:`segmoe_lab.merge.lowrank`).
+
+    Example::
+
+        layer = extra_layer([copy.deepcopy(conv) for _ in range(cfg.num_experts)], cfg)
+    """
+    if getattr(cfg, "compress", None) is not None and not EXTRA_VARIANTS:
+        raise RuntimeError("cfg.compress needs segmoe_lab.merge.lowrank imported (it registers compressed layers)")
+    for variant in EXTRA_VARIANTS:
+        layer = variant(experts, cfg, gate, base)
+        if layer is not None:
+            return layer
     return SampleMoE(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)
 
 

@@ -1,24 +1,30 @@
-"""Compressed experts: each expert's site weights as the base's plus a truncated-SVD low-rank delta.
+"""Compressed experts: MoE layers whose experts are the base's weights plus low-rank deltas.
 
 Fine-tunes of one base differ from it by little, and the difference's spectrum usually decays fast
-(the observation behind LoRA, BitDelta and DARE). Every weight of rank >= 2 in an expert's site
-(Linear ``(out, in)``; a convolution's ``(out, in, kh, kw)`` folded to ``(out, in*kh*kw)``) is stored
-as ``W_e = W_0 + B_e A_e`` with ``B_e A_e`` the truncated SVD of ``W_e - W_0``; the rank per weight
-is a fixed ``rank`` or the smallest that keeps an ``energy`` share of the delta's squared
-singular values (:class:`~segmoe_lab.merge.config.CompressOptions`), the same for all experts of a
-site (the largest any expert needs; the others' extra columns are zero). Vectors (biases, norm
-scales) stay full per expert: they are small, and keeping them exact costs nothing at run time.
+(the observation behind LoRA, BitDelta and DARE); :mod:`segmoe_lab.merge.deltas` factors each
+expert's weights as ``W_e = W_0 + B_e A_e``. This module runs them:
 
-:class:`LowRankMoELayer` is a :class:`~segmoe_lab.merge.moe.MoELayer` (same gate, routing
-policies, ``top_k``): a Linear site runs the base projection once for all experts and adds the
-chosen experts' ``B_e(A_e x)`` as one batched product; diffusers' GEGLU feed-forward shares its first
-base projection and runs its second once on the experts' mixed hidden states (routing weights sum to
-1); any other module (ResNet blocks, norms, ...) runs once per routed expert with its weights
-materialised. Expert offload works unchanged: the experts' factors are what moves.
+- :class:`LowRankMoELayer` is a :class:`~segmoe_lab.merge.moe.MoELayer` (segmoe's attention and
+  feed-forward sites; same gate, routing policies, ``top_k``): a Linear site runs the base
+  projection once for all experts and adds the chosen experts' ``B_e(A_e x)`` as one batched
+  product; diffusers' GEGLU feed-forward shares its first base projection and runs its second once
+  on the experts' mixed hidden states (routing weights sum to 1); any other module runs once per
+  routed expert with its weights materialised. Expert offload works unchanged: the factors move.
+- :class:`LowRankSampleMoE` is a :class:`~segmoe_lab.merge.kinds.SampleMoE` (the extra layer kinds:
+  ResNet convolutions, ``proj_in``/``proj_out``, time embedding, ``conv_in``/``conv_out`` ...,
+  routed once per sample): a Linear or convolution runs the base weight and adds ``B_e(A_e x)``
+  (for a convolution ``A_e`` is an ``r``-channel convolution with the base's kernel and ``B_e`` a
+  1x1 one). Norms have no matrix to factor and stay full :class:`SampleMoE` layers.
 
-Layers are made by :func:`~segmoe_lab.merge.moe.moe_layer` (this module registers itself there).
+Both are made by the one factory of their kind (:func:`~segmoe_lab.merge.moe.moe_layer`,
+:func:`~segmoe_lab.merge.kinds.extra_layer`), where this module registers itself.
 State-dict names: ``<site>.gate.weight``, ``<site>.base.<param>`` (``W_0``; dots written ``__``),
 ``<site>.experts.<i>.{A,B,full}.<param>``.
+
+Example::
+
+    compress_unet(pipe.unet, cfg.updated(compress={"rank": 16}))   # every routed site, in place
+    lowrank_bytes(pipe.unet)["experts"]
 """
 from __future__ import annotations
 
@@ -29,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmoe_lab.merge.config import CompressOptions
+from segmoe_lab.merge.deltas import LowRankExpert, _key, _name, compress_experts, compressible
+from segmoe_lab.merge.kinds import (
+    SampleMoE,
+    _in_features,
+    extra_layer,
+    iter_extra_layers,
+    register_extra_variant,
+)
 from segmoe_lab.merge.moe import (
     MoELayer,
     Scope,
@@ -38,151 +51,10 @@ from segmoe_lab.merge.moe import (
     _is_geglu_ff,
     check_experts,
     get_routing,
+    iter_moe_layers,
+    moe_layer,
     register_layer_variant,
 )
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")  # ParameterDict keys may not contain dots
-
-
-def _name(key: str) -> str:
-    return key.replace("__", ".")
-
-
-# --- the decomposition -------------------------------------------------------------------------
-def choose_rank(s: torch.Tensor, target: CompressOptions) -> int:
-    """The rank ``target`` asks for, given the delta's singular values ``s`` (descending), at least 1."""
-    if target.rank is not None:
-        return max(1, min(target.rank, s.numel()))
-    energy = s.double().pow(2)
-    total = float(energy.sum())
-    if total == 0.0:
-        return 1
-    kept = torch.cumsum(energy, 0) / total
-    return max(1, min(int(torch.searchsorted(kept, torch.tensor(target.energy, dtype=kept.dtype) - 1e-12)) + 1, s.numel()))
-
-
-def delta_factors(w0: torch.Tensor, we: torch.Tensor, target: CompressOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with ``B @ A`` the truncated SVD of ``we - w0`` (folded to 2-D), in ``we``'s dtype.
-
-    The singular values are split evenly (``B = U sqrt(S)``, ``A = sqrt(S) V^T``) so neither factor
-    carries the whole scale, which keeps bfloat16 factors accurate. A fixed rank well below the
-    matrix's size uses a randomised SVD (``torch.svd_lowrank``): at SDXL's 10240 x 1280 that is
-    seconds instead of minutes per expert; an energy target needs the whole spectrum.
-    """
-    d = (we.detach().float() - w0.detach().float()).reshape(we.shape[0], -1)
-    full = min(d.shape)
-    if target.rank is not None and 4 * target.rank < full:
-        u, s, v = torch.svd_lowrank(d, q=min(full, target.rank + 8), niter=4)
-        vh = v.T
-    else:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = choose_rank(s, target)
-    root = s[:r].sqrt()
-    return (root[:, None] * vh[:r]).to(we.dtype).contiguous(), (u[:, :r] * root).to(we.dtype).contiguous()
-
-
-class LowRankExpert(nn.Module):
-    """One expert of a compressed site: ``A``/``B`` factors per weight and its full vectors.
-
-    Not callable on its own (its layer holds ``W_0``); :meth:`materialize` gives its full weights.
-    """
-
-    def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], full: dict[str, torch.Tensor]):
-        super().__init__()
-        self.A = nn.ParameterDict({_key(n): nn.Parameter(a, requires_grad=False) for n, (a, _) in factors.items()})
-        self.B = nn.ParameterDict({_key(n): nn.Parameter(b, requires_grad=False) for n, (_, b) in factors.items()})
-        self.full = nn.ParameterDict({_key(n): nn.Parameter(t, requires_grad=False) for n, t in full.items()})
-
-    def ranks(self) -> dict[str, int]:
-        """Weight name -> rank of its delta."""
-        return {_name(k): a.shape[0] for k, a in self.A.items()}
-
-    def materialize(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The expert's full site tensors, given the base's weights ``W_0`` by name."""
-        out = {_name(k): t.detach() for k, t in self.full.items()}
-        for k, a in self.A.items():
-            w0 = base[_name(k)]
-            out[_name(k)] = (w0.float() + (self.B[k].float() @ a.float()).view(w0.shape)).to(w0.dtype)
-        return out
-
-
-def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    if t.shape[dim] == size:
-        return t
-    shape = list(t.shape)
-    shape[dim] = size - t.shape[dim]
-    return torch.cat([t, t.new_zeros(shape)], dim=dim)  # zero rows/columns: the product is unchanged
-
-
-class SiteCompressor:
-    """Compress one site's experts as they arrive (a build streams experts one at a time).
-
-    Example::
-
-        c = SiteCompressor(base_tensors, CompressOptions(rank=16))
-        for tensors in expert_site_tensors:
-            c.add(tensors)
-        experts = c.experts()
-    """
-
-    def __init__(self, base: dict[str, torch.Tensor], target: CompressOptions):
-        self.base, self.target = base, target
-        self._factors: list[dict] = []
-        self._full: list[dict] = []
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        factors, full = {}, {}
-        for name, t in tensors.items():
-            if t.dim() >= 2:
-                factors[name] = delta_factors(self.base[name], t, self.target)
-            else:
-                full[name] = t.detach().clone()
-        self._factors.append(factors)
-        self._full.append(full)
-
-    def experts(self) -> list[LowRankExpert]:
-        """The experts, every weight's rank padded to the largest any expert needed (so they stack)."""
-        ranks = {n: max(f[n][0].shape[0] for f in self._factors) for n in self._factors[0]} if self._factors else {}
-        out = []
-        for factors, full in zip(self._factors, self._full):
-            padded = {n: (_pad(a, 0, ranks[n]), _pad(b, 1, ranks[n])) for n, (a, b) in factors.items()}
-            out.append(LowRankExpert(padded, full))
-        self._factors, self._full = [], []
-        return out
-
-
-def compress_experts(base_site: nn.Module, experts: Sequence[nn.Module], target: CompressOptions) -> list[LowRankExpert]:
-    """The compressed form of full ``experts`` of a site whose base module is ``base_site``."""
-    c = SiteCompressor({n: p.detach() for n, p in base_site.named_parameters()}, target)
-    for e in experts:
-        c.add({n: p.detach() for n, p in e.named_parameters()})
-    return c.experts()
-
-
-def skeleton_experts(base_site: nn.Module, n: int, ranks: dict[str, int], device="meta") -> list[LowRankExpert]:
-    """``n`` empty experts of the given ranks (to load a saved state dict into, or count on meta)."""
-    out = []
-    for _ in range(n):
-        factors, full = {}, {}
-        for name, p in base_site.named_parameters():
-            if p.dim() >= 2:
-                r = ranks[name]
-                factors[name] = (torch.empty(r, p[0].numel(), dtype=p.dtype, device=device),
-                                 torch.empty(p.shape[0], r, dtype=p.dtype, device=device))
-            else:
-                full[name] = torch.empty(p.shape, dtype=p.dtype, device=device)
-        out.append(LowRankExpert(factors, full))
-    return out
-
-
-def planned_ranks(base_site: nn.Module, target: CompressOptions) -> dict[str, int]:
-    """The ranks a fixed-``rank`` target gives each weight of a site (for estimates, before any SVD)."""
-    if target.rank is None:
-        raise ValueError("compress.energy: the ranks are known only after the SVD; estimate a saved compressed "
-                         "merge folder, or give compress.rank")
-    return {n: min(target.rank, p.shape[0], p[0].numel()) for n, p in base_site.named_parameters() if p.dim() >= 2}
 
 
 # --- the layer -----------------------------------------------------------------------------------
@@ -302,8 +174,55 @@ class LowRankMoELayer(MoELayer):
         return out + torch.einsum("btkr,kor->bto", torch.einsum("btki,kri->btkr", m, a2), b2)
 
 
-def decompress_layer(layer: LowRankMoELayer) -> list[nn.Module]:
-    """Full expert modules (the template's class) rebuilt from a compressed layer."""
+class LowRankSampleMoE(SampleMoE):
+    """An extra-kind site (see the module docstring) whose experts are ``base`` plus low-rank deltas.
+
+    Args:
+        base (`nn.Module`): the site's base module (a Linear, a convolution, ...); its weights of
+            rank >= 2 become ``W_0``.
+        experts (`Sequence[LowRankExpert]`): one per expert, all of the same ranks.
+        gate, top_k, routing: as :class:`~segmoe_lab.merge.kinds.SampleMoE`.
+    """
+
+    def __init__(self, base: nn.Module, experts: Sequence[LowRankExpert], gate: nn.Linear | None = None,
+                 top_k: int = 1, routing: str = "per_sample"):
+        nn.Module.__init__(self)  # SampleMoE's __init__ expects full experts
+        check_experts(experts, top_k)
+        self.experts = nn.ModuleList(experts)
+        self.base = nn.ParameterDict({_key(n): nn.Parameter(p.detach(), requires_grad=False)
+                                      for n, p in base.named_parameters() if p.dim() >= 2})
+        object.__setattr__(self, "_template", copy.deepcopy(base).to("meta"))
+        self.hidden_size = _in_features(self._template)
+        if gate is None:
+            p = next(iter(self.base.values()))
+            gate = nn.Linear(self.hidden_size, len(experts), bias=False, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(gate.weight)
+        if tuple(gate.weight.shape) != (len(experts), self.hidden_size):
+            raise ValueError(f"gate weight is {tuple(gate.weight.shape)}, expected ({len(experts)}, {self.hidden_size})")
+        self.gate, self.top_k, self.policy = gate, top_k, get_routing(routing)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """``W_0`` by parameter name."""
+        return {_name(k): p for k, p in self.base.items()}
+
+    def run_expert(self, e: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        ex, t = self.experts[e], self._template
+        bias = ex.full["bias"] if "bias" in ex.full else None
+        if isinstance(t, nn.Linear):
+            return F.linear(x, self.base["weight"]) + F.linear(F.linear(x, ex.A["weight"]), ex.B["weight"], bias)
+        if type(t) is nn.Conv2d and t.groups == 1 and t.padding_mode == "zeros":
+            w0 = self.base["weight"]
+            a = ex.A["weight"].view(-1, *w0.shape[1:])  # (r, in*kh*kw) -> an r-channel kernel like W_0's
+            y = F.conv2d(x, w0, None, t.stride, t.padding, t.dilation)
+            return y + F.conv2d(F.conv2d(x, a, None, t.stride, t.padding, t.dilation), ex.B["weight"][:, :, None, None], bias)
+        from torch.func import functional_call
+
+        params = ex.materialize({n: w.detach() for n, w in self.base_weights().items()})
+        return functional_call(t, params, (x, *args), kwargs)
+
+
+def decompress_layer(layer) -> list[nn.Module]:
+    """Full expert modules (the template's class) rebuilt from a compressed layer of either kind."""
     base = {n: w.detach() for n, w in layer.base_weights().items()}
     out = []
     for e in layer.experts:
@@ -313,36 +232,51 @@ def decompress_layer(layer: LowRankMoELayer) -> list[nn.Module]:
     return out
 
 
-def _variant(experts, cfg, gate, base) -> Optional[MoELayer]:
-    """:func:`~segmoe_lab.merge.moe.moe_layer`'s hook: compressed experts, or full ones to compress."""
-    top_k = min(cfg.num_experts_per_tok, len(experts))
-    if isinstance(experts[0], LowRankExpert):
-        if base is None:
-            raise ValueError("compressed experts need their site's base module (moe_layer(..., base=site))")
-        return LowRankMoELayer(base, experts, gate, top_k=top_k, routing=cfg.routing)
-    target = getattr(cfg, "compress", None)
-    if target is None or base is None:
-        return None
-    return LowRankMoELayer(base, compress_experts(base, experts, target), gate, top_k=top_k, routing=cfg.routing)
+def _variant(cls):
+    """A factory hook (``moe_layer``'s or ``extra_layer``'s) that builds ``cls`` for compressed
+    experts, or for full ones under ``cfg.compress`` (sites with a matrix to factor)."""
+    def hook(experts, cfg, gate, base):
+        top_k = min(cfg.num_experts_per_tok, len(experts))
+        if isinstance(experts[0], LowRankExpert):
+            if base is None:
+                raise ValueError("compressed experts need their site's base module (the factory's base=site)")
+            return cls(base, experts, gate, top_k=top_k, routing=cfg.routing)
+        target = getattr(cfg, "compress", None)
+        if target is None or base is None or not compressible(base):
+            return None
+        return cls(base, compress_experts(base, experts, target), gate, top_k=top_k, routing=cfg.routing)
+
+    return hook
 
 
-register_layer_variant(_variant)
+register_layer_variant(_variant(LowRankMoELayer))
+register_extra_variant(_variant(LowRankSampleMoE))
+_COMPRESSED = (LowRankMoELayer, LowRankSampleMoE)
 
 
 # --- whole UNets: compress a merged one, or give a compressed one back its full experts ---------
+def routed_layers(unet: nn.Module):
+    """``(path, layer)`` of every MoE layer of ``unet``: segmoe's sites and the extra kinds."""
+    return [*iter_moe_layers(unet), *iter_extra_layers(unet)]
+
+
+def _factory(layer):
+    return extra_layer if isinstance(layer, SampleMoE) else moe_layer
+
+
 def compress_unet(unet: nn.Module, cfg, base_tensors: Optional[dict[str, torch.Tensor]] = None) -> dict[str, int]:
-    """Replace every full :class:`MoELayer` of ``unet`` by its compressed form (``cfg.compress``), in place.
+    """Replace every full MoE layer of ``unet`` (segmoe's sites and extra kinds with a matrix to
+    factor) by its compressed form (``cfg.compress``), in place.
 
     ``base_tensors`` (UNet tensor name -> ``W_0``) gives each site's base weights; a site missing
     from it uses the mean of its experts (the merge's own centre: exact at full rank, and often
     close to the base, since fine-tunes move little). Returns ``{"base": sites, "mean": sites}``.
     """
     from segmoe_lab.merge.discovery import set_module
-    from segmoe_lab.merge.moe import iter_moe_layers, moe_layer
 
     used = {"base": 0, "mean": 0}
-    for path, layer in list(iter_moe_layers(unet)):
-        if isinstance(layer, LowRankMoELayer):
+    for path, layer in routed_layers(unet):
+        if isinstance(layer, _COMPRESSED) or not compressible(layer.experts[0]):
             continue
         base = copy.deepcopy(layer.experts[0])
         names = [n for n, _ in base.named_parameters()]
@@ -352,29 +286,27 @@ def compress_unet(unet: nn.Module, cfg, base_tensors: Optional[dict[str, torch.T
             state = {n: torch.stack([e.get_parameter(n).detach() for e in layer.experts]).float().mean(0) for n in names}
             used["mean"] += 1
         base.load_state_dict({n: t.to(layer.gate.weight.dtype) for n, t in state.items()}, assign=True)
-        set_module(unet, path, moe_layer(compress_experts(base, layer.experts, cfg.compress), cfg, layer.gate, base=base))
+        experts = compress_experts(base, layer.experts, cfg.compress)
+        set_module(unet, path, _factory(layer)(experts, cfg, layer.gate, base=base))
     return used
 
 
 def decompress_unet(unet: nn.Module, cfg) -> None:
-    """Replace every :class:`LowRankMoELayer` of ``unet`` by a full :class:`MoELayer`, in place."""
+    """Replace every compressed layer of ``unet`` by its full form, in place."""
     from segmoe_lab.merge.discovery import set_module
-    from segmoe_lab.merge.moe import iter_moe_layers, moe_layer
 
     plain = cfg.updated(compress=None)
-    for path, layer in list(iter_moe_layers(unet)):
-        if isinstance(layer, LowRankMoELayer):
-            set_module(unet, path, moe_layer(decompress_layer(layer), plain, layer.gate))
+    for path, layer in routed_layers(unet):
+        if isinstance(layer, _COMPRESSED):
+            set_module(unet, path, _factory(layer)(decompress_layer(layer), plain, layer.gate))
 
 
 def lowrank_bytes(unet: nn.Module) -> dict[str, int]:
     """Bytes of a merged UNet: ``total``, its ``experts`` (factors, or full experts) and ``base_weights``
     (the compressed sites' ``W_0``)."""
-    from segmoe_lab.merge.moe import iter_moe_layers
-
     def nbytes(ps) -> int:
         return sum(p.numel() * p.element_size() for p in ps)
 
-    layers = [layer for _, layer in iter_moe_layers(unet)]
+    layers = [layer for _, layer in routed_layers(unet)]
     return {"total": nbytes(unet.parameters()), "experts": sum(nbytes(l.experts.parameters()) for l in layers),
-            "base_weights": sum(nbytes(l.base.parameters()) for l in layers if isinstance(l, LowRankMoELayer))}
+            "base_weights": sum(nbytes(l.base.parameters()) for l in layers if isinstance(l, _COMPRESSED))}

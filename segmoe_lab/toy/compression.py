@@ -1,16 +1,19 @@
 """Quality of compressed experts at each rank, on the toy world's ground truth.
 
-The toy merge (:func:`segmoe_lab.toy.merge_config`) is built once; each rank's merge is the same
-merge with its experts compressed against the toy base's own weights
-(:func:`segmoe_lab.merge.lowrank.compress_unet`), so gates, prompts and seeds are shared and the
-paired difference to the uncompressed merge isolates what compression changes. Prompts are
-held out (:func:`segmoe_lab.toy.quality.eval_prompts` with ``seed=2027``), ``n`` per domain, one seed
-each; 15 steps, guidance 3; every image is scored by :func:`segmoe_lab.toy.truth.check`.
+The toy merge (:func:`segmoe_lab.toy.merge_config`: the whole-UNet switch, so every layer of every
+expert is compressed) is built once; each target's merge is the same merge with its experts
+compressed against the toy base's own weights (:func:`segmoe_lab.merge.lowrank.compress_unet`), so
+gates, prompts and seeds are shared and the paired difference to the uncompressed merge isolates what
+compression changes. Prompts: the fixed held-out set ``data/prompts/toy_heldout.csv`` (never tuned
+on), ``n`` per domain, ``seeds`` seeds each; 15 steps, guidance 3; every image is scored by
+:func:`segmoe_lab.toy.truth.check`. The base and the model oracle (each prompt through its labelled
+expert's own model) run on the same prompts and seeds, so each row also reports its share of the
+oracle's gain over the base.
 
 Example (a notebook cell)::
 
     from segmoe_lab.toy.compression import rank_quality, plot_rank_quality
-    table = rank_quality(ranks=(1, 2, 4, 8, 16), n=40)
+    table = rank_quality(ranks=(1, 2, 4, 8, 16), energies=(0.9,), n=40)
     plot_rank_quality(table, "docs/rank_quality.png")
 """
 from __future__ import annotations
@@ -35,19 +38,40 @@ def bootstrap_ci(d: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[float,
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def rank_quality(ranks: Sequence[Optional[int]] = (1, 2, 4, 8, 16, 32), n: int = 40, steps: int = 15,
-                 guidance: float = GUIDANCE, progress: bool = True):
-    """Ground-truth score of the toy merge with experts compressed at each rank, paired to the uncompressed merge.
+def _heldout(n: Optional[int]) -> list[dict]:
+    """Rows of the fixed held-out set (``toy_heldout.csv``, regenerated exactly by
+    :func:`~segmoe_lab.toy.prompt_sets.heldout_prompt_set`): the first ``n`` of each domain (all when None)."""
+    import json
+
+    from .prompt_sets import heldout_prompt_set
+
+    kept, count = [], {}
+    for r in heldout_prompt_set():
+        count[r["expert"]] = count.get(r["expert"], 0) + 1
+        if n is None or count[r["expert"]] <= n:
+            kept.append({"prompt": r["prompt"], "expert": r["expert"], "desc": json.loads(r["description"])})
+    return kept
+
+
+def rank_quality(ranks: Sequence[Optional[int]] = (1, 2, 4, 8, 16, 32), n: Optional[int] = None, steps: int = 15,
+                 guidance: float = GUIDANCE, progress: bool = True, energies: Sequence[float] = (),
+                 seeds: int = 1):
+    """Ground-truth score of the toy merge with experts compressed at each target, paired to the uncompressed merge.
 
     Args:
         ranks: fixed ranks (``None``: full rank, i.e. ``energy=1``).
-        n (`int`): held-out prompts per domain (one seed each).
+        n (`int`, *optional*): held-out prompts per domain (default: all 40 of ``toy_heldout.csv``).
+        energies: energy targets (per weight, the smallest rank keeping that share of the delta's energy).
+        seeds (`int`): seeds per prompt (0 .. seeds-1); a prompt's score is its mean over seeds.
 
     Returns:
-        A ``pandas.DataFrame``, one row per rank plus ``"full experts"``: ``score``, ``diff`` (paired, to
-        the uncompressed merge) with its bootstrap ``ci_low``/``ci_high``, ``expert_mb`` (bytes of the
-        experts' storage: factors and vectors, plus the shared base weights of the compressed sites)
-        and ``share`` (of the uncompressed experts' bytes).
+        A ``pandas.DataFrame``, one row per target plus ``"full experts"``: ``score``, ``diff`` (paired
+        over prompts, to the uncompressed merge) with its bootstrap ``ci_low``/``ci_high``,
+        ``oracle_pct`` (100 x the row's gain over the base / the model oracle's), ``keeps`` (its
+        ``oracle_pct`` / the uncompressed merge's), ``expert_mb`` (the experts' storage: factors and
+        vectors, plus the compressed sites' shared base weights), ``share`` (of the uncompressed
+        experts' bytes) and ``unet_x`` (the merged UNet's bytes / one base UNet's). ``table.attrs``
+        holds the base and oracle scores.
     """
     import pandas as pd
     import torch
@@ -55,71 +79,114 @@ def rank_quality(ranks: Sequence[Optional[int]] = (1, 2, 4, 8, 16, 32), n: int =
     from segmoe_lab.merge.lowrank import compress_unet, lowrank_bytes
     from segmoe_lab.merge.pipeline import SegMoEPipeline
 
-    from . import load_base
+    from . import load_base, load_pipeline
 
     torch.set_num_threads(1)
     cfg = merge_config()
     torch.manual_seed(0)
     merged = SegMoEPipeline(cfg, device="cpu", progress=False)
-    base_tensors = {k: v.detach() for k, v in load_base().unet.state_dict().items()}
-    descs = [d for dom in world.DOMAINS for d in eval_prompts(dom, n, seed=HELD_OUT_SEED)]
-    caps = [world.caption(d) for d in descs]
+    base = load_base()
+    base_tensors = {k: v.detach() for k, v in base.unet.state_dict().items()}
+    base_bytes = sum(v.numel() * v.element_size() for v in base_tensors.values())
+    rows_in = _heldout(n)
+    caps = [r["prompt"] for r in rows_in for _ in range(seeds)]
+    descs = [r["desc"] for r in rows_in for _ in range(seeds)]
+    seed_list = [s for _ in rows_in for s in range(seeds)]
 
-    def scores(pipe) -> np.ndarray:
-        images = generate(pipe, caps, range(len(caps)), steps, guidance)
-        return np.array([check(im, d)["score"] for im, d in zip(images, descs)])
+    def scores(pipe, idx=None) -> np.ndarray:
+        idx = range(len(caps)) if idx is None else idx
+        images = generate(pipe, [caps[i] for i in idx], [seed_list[i] for i in idx], steps, guidance)
+        per_image = np.array([check(im, descs[i])["score"] for im, i in zip(images, idx)])
+        return per_image
+
+    def per_prompt(s: np.ndarray) -> np.ndarray:
+        return s.reshape(len(rows_in), seeds).mean(1)
+
+    base_s = per_prompt(scores(base))
+    oracle = np.zeros(len(caps))
+    for dom in sorted({r["expert"] for r in rows_in}):
+        idx = [i for i, r in enumerate(r for r in rows_in for _ in range(seeds)) if r["expert"] == dom]
+        oracle[idx] = scores(load_pipeline(dom), idx)
+    oracle_s = per_prompt(oracle)
+    gain = oracle_s.mean() - base_s.mean()
+
+    def pct(s: np.ndarray) -> float:
+        return float(100 * (s.mean() - base_s.mean()) / gain) if gain else float("nan")
 
     full_bytes = lowrank_bytes(merged.unet)["experts"]
-    ref = scores(merged.pipe)
+    ref = per_prompt(scores(merged.pipe))
     rows = [{"rank": "full experts", "score": ref.mean(), "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0,
-             "expert_mb": full_bytes / 2**20, "share": 1.0}]
-    for r in ranks:
+             "oracle_pct": pct(ref), "keeps": 1.0, "expert_mb": full_bytes / 2**20, "share": 1.0,
+             "unet_x": lowrank_bytes(merged.unet)["total"] / base_bytes}]
+    targets = [(str(r or "full rank"), {"rank": r} if r else {"energy": 1.0}) for r in ranks]
+    targets += [(f"energy {e:g}", {"energy": e}) for e in energies]
+    for name, target in targets:
         pipe = copy.copy(merged.pipe)
         pipe.register_modules(unet=copy.deepcopy(merged.unet))
-        compress_unet(pipe.unet, cfg.updated(compress={"rank": r} if r else {"energy": 1.0}), base_tensors)
+        compress_unet(pipe.unet, cfg.updated(compress=target), base_tensors)
         b = lowrank_bytes(pipe.unet)
-        s = scores(pipe)
+        s = per_prompt(scores(pipe))
         lo, hi = bootstrap_ci(s - ref)
-        rows.append({"rank": str(r or "full rank"), "score": s.mean(), "diff": float((s - ref).mean()), "ci_low": lo,
-                     "ci_high": hi, "expert_mb": (b["experts"] + b["base_weights"]) / 2**20,
-                     "share": (b["experts"] + b["base_weights"]) / full_bytes})
+        rows.append({"rank": name, "score": s.mean(), "diff": float((s - ref).mean()), "ci_low": lo, "ci_high": hi,
+                     "oracle_pct": pct(s), "keeps": pct(s) / pct(ref) if pct(ref) else float("nan"),
+                     "expert_mb": (b["experts"] + b["base_weights"]) / 2**20,
+                     "share": (b["experts"] + b["base_weights"]) / full_bytes, "unet_x": b["total"] / base_bytes})
         if progress:
-            print(f"rank {rows[-1]['rank']:>9}: score {s.mean():.3f}  diff {rows[-1]['diff']:+.3f} "
-                  f"[{lo:+.3f}, {hi:+.3f}]  {rows[-1]['share']:.2f} of the experts' bytes", flush=True)
+            r = rows[-1]
+            print(f"{name:>11}: score {r['score']:.3f}  diff {r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]  "
+                  f"{r['oracle_pct']:.0f} % of the oracle's gain  {r['share']:.2f} of the experts' bytes  "
+                  f"UNet {r['unet_x']:.2f}x the base's", flush=True)
     table = pd.DataFrame(rows)
-    table.attrs.update(n_images=len(caps), steps=steps, guidance=guidance)
+    table.attrs.update(n_prompts=len(rows_in), n_images=len(caps), seeds=seeds, steps=steps, guidance=guidance,
+                       base=float(base_s.mean()), oracle=float(oracle_s.mean()))
     return table
 
 
-def smallest_rank_within(table, margin: float = 0.02) -> Optional[str]:
-    """The smallest rank whose paired 95 % CI lies inside ``±margin``, or None."""
-    for _, row in table[table["rank"] != "full experts"].iterrows():
-        if -margin <= row["ci_low"] and row["ci_high"] <= margin:
+def smallest_rank_within(table, margin: float = 0.02, keeps: Optional[float] = None) -> Optional[str]:
+    """The cheapest target (fewest bytes) whose paired 95 % CI lies inside ``±margin`` (and, with
+    ``keeps``, that keeps at least that share of the uncompressed merge's share of the oracle's gain), or None."""
+    rows = table[table["rank"] != "full experts"].sort_values("share")
+    for _, row in rows.iterrows():
+        if -margin <= row["ci_low"] and row["ci_high"] <= margin and (keeps is None or row["keeps"] >= keeps):
             return row["rank"]
     return None
 
 
 def plot_rank_quality(table, path: Optional[Path] = None):
-    """Paired difference to the uncompressed merge (95 % CI) against rank and against bytes."""
+    """Left: each target's share of the model oracle's gain (the uncompressed merge's, and 95 % of it,
+    as lines); right: the paired score difference to the uncompressed merge (95 % CI) against the
+    merged UNet's size in base UNets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    full = table[table["rank"] == "full experts"].iloc[0]
     rows = table[table["rank"] != "full experts"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax = axes[0]
+    ax.plot(range(len(rows)), rows["oracle_pct"], "o-")
+    ax.axhline(full["oracle_pct"], color="tab:green", lw=1, label=f"uncompressed merge ({full['oracle_pct']:.0f} %)")
+    ax.axhline(0.95 * full["oracle_pct"], color="tab:green", lw=1, ls="--", label="95 % of it")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(rows)), rows["rank"], rotation=30, ha="right")
+    ax.set_xlabel("compression target (rank, or energy kept)")
+    ax.set_ylabel("% of the model oracle's gain")
+    ax.legend(loc="lower right", fontsize=8)
+    ax = axes[1]
     err = np.array([rows["diff"] - rows["ci_low"], rows["ci_high"] - rows["diff"]])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, x, label in ((axes[0], range(len(rows)), "rank"), (axes[1], rows["share"], "experts' bytes / uncompressed")):
-        ax.errorbar(list(x), rows["diff"], yerr=err, fmt="o-", capsize=3)
-        ax.axhspan(-0.02, 0.02, color="tab:green", alpha=0.15, label="±0.02")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("score − uncompressed merge")
-    axes[0].set_xticks(range(len(rows)), rows["rank"])
-    axes[1].set_xscale("log")
-    axes[0].legend(loc="lower right")
-    n = table.attrs.get("n_images", "?")
-    fig.suptitle(f"toy merge, experts as base + rank-r deltas: ground-truth score difference (95 % bootstrap CI, {n} paired images)")
+    ax.errorbar(list(rows["unet_x"]), rows["diff"], yerr=err, fmt="o", capsize=3)
+    for x, y, name in zip(rows["unet_x"], rows["diff"], rows["rank"]):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhspan(-0.02, 0.02, color="tab:green", alpha=0.15, label="±0.02")
+    ax.axvline(full["unet_x"], color="grey", lw=0.8, ls=":", label=f"uncompressed ({full['unet_x']:.2f}x)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("merged UNet bytes / one base UNet")
+    ax.set_ylabel("score − uncompressed merge")
+    ax.legend(loc="lower right", fontsize=8)
+    n = table.attrs.get("n_prompts", "?")
+    fig.suptitle(f"toy whole-UNet switch, experts as base + low-rank deltas (held-out prompts; 95 % bootstrap "
+                 f"CI over {n} paired prompts)")
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
