@@ -41,6 +41,16 @@ from segmoe_lab.testing import unet_inputs  # noqa: E402
 SWITCH = {"include_mid": True, "moe_extra": ["all"], "routing": "per_sample"}  # the toy default's whole-UNet switch
 
 
+def add_router(unet: nn.Module, n_experts: int, seed: int = 0) -> None:
+    """A random prompt router over ``unet``'s text rows: every site follows one decision per sample,
+    as in the toy default's switch (with identical text rows, both halves of a guidance batch agree)."""
+    from segmoe_lab.merge.prompt_router import PromptRouter, route_unet
+
+    g = torch.Generator().manual_seed(seed)
+    route_unet(unet, PromptRouter(torch.randn(n_experts, unet.config.cross_attention_dim, generator=g),
+                                  torch.zeros(n_experts), pool="mean"))
+
+
 def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int = 1, seed: int = 0,
                     **extra) -> nn.Module:
     """A merged copy of ``base``: each site's experts are seeded perturbations of it; random unit gate
@@ -66,6 +76,13 @@ def merge_in_memory(base: nn.Module, moe_layers: str, n_experts: int, top_k: int
             factory = moe_layer if isinstance(s, Site) else extra_layer  # segmoe's sites, or an extra kind
             set_module(merged, s.path, factory(experts, cfg, gate))
     return merged.eval()
+
+
+def guided(inputs: dict) -> dict:
+    """``inputs`` as a guidance batch of one prompt: both rows share the text (so the router makes
+    one decision for the batch, as diffusers' [negative; prompt] pair does under the kit's router)."""
+    text = inputs["encoder_hidden_states"]
+    return {**inputs, "encoder_hidden_states": text[:1].expand_as(text).contiguous()}
 
 
 def count_macs(fn) -> int:
@@ -152,16 +169,19 @@ def compressed_table(base, inputs, args) -> list[dict]:
         extra = SWITCH if k == "switch" else {}
         top_k = 1 if k == "switch" else k
         full = merge_in_memory(base, "all", args.experts, top_k=top_k, **extra)
+        if k == "switch":
+            add_router(full, args.experts)
         cfg = parse_config({"base_model": "bench", "type": "sd", "moe_layers": "all", "num_experts_per_tok": top_k,
                             "experts": [{"source_model": f"expert_{i}"} for i in range(args.experts)], **extra})
         merges = {"full experts": full}
         for rank in args.ranks:
             merges[f"rank {rank}"] = copy.deepcopy(full)
             compress_unet(merges[f"rank {rank}"], cfg.updated(compress={"rank": rank}), base_tensors)
-        times = C.interleaved_times({"base": step_fn(base, inputs), **{n: step_fn(u, inputs) for n, u in merges.items()}},
+        x = inputs if k != "switch" else guided(inputs)
+        times = C.interleaved_times({"base": step_fn(base, x), **{n: step_fn(u, x) for n, u in merges.items()}},
                                     repeats=args.repeats)
         for name, unet in merges.items():
-            macs = count_macs(step_fn(unet, inputs)) / base_macs
+            macs = count_macs(step_fn(unet, x)) / count_macs(step_fn(base, x))
             ratio = times[name] / times["base"]
             rows.append({"k": k, "experts": name, "base_ms": 1e3 * times["base"], "merge_ms": 1e3 * times[name],
                          "time_ratio": ratio, "mac_ratio": macs, "vs_macs": ratio / macs})

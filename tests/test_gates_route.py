@@ -1,5 +1,4 @@
 """Gates that route: prompt lists, the discriminant gate, mask-aware pooling and the prompt router."""
-import types
 
 import pytest
 import torch
@@ -98,11 +97,30 @@ def test_real_token_pooling_ignores_padding():
 
 def test_the_unconditional_half_follows_its_prompts_decision():
     router = PromptRouter(torch.eye(2), torch.zeros(2), pool="mean")
-    encoder = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_id=9))
     prompts = torch.tensor([[[5.0, 0.0]], [[0.0, 5.0]]])  # sample 0 -> expert 0, sample 1 -> expert 1
     negative = torch.tensor([[[0.0, 1.0]], [[0.0, 1.0]]])  # on its own the negative prompt prefers expert 1
-    ids = torch.tensor([[1, 9], [1, 9]])
-    router._record(encoder, (ids,), {}, (prompts,))
-    router._record(encoder, (ids,), {}, (negative,))
+    router.note(prompts, torch.tensor([1, 1]), negative)
     router._before_unet(None, (), {"encoder_hidden_states": torch.cat([negative, prompts])})
     assert router.logits.argmax(-1).tolist() == [0, 1, 0, 1]
+
+
+def test_rows_no_encode_prompt_call_produced_decide_on_their_own():
+    router = PromptRouter(torch.eye(2), torch.zeros(2), pool="mean")
+    negative = torch.tensor([[[0.0, 1.0]], [[0.0, 1.0]]])
+    prompts = torch.tensor([[[5.0, 0.0]], [[0.0, 5.0]]])
+    router._before_unet(None, (), {"encoder_hidden_states": torch.cat([negative, prompts])})
+    assert router.logits.argmax(-1).tolist() == [1, 1, 0, 1]
+
+
+def test_an_sdxl_whole_unet_switch_routes_each_expert_prompt_to_its_expert(sdxl_set):
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
+
+    cfg = sdxl_set.config(init="random", moe_layers="all", include_mid=True, moe_extra=["all"], router="prompt",
+                          routing="per_sample")
+    merge = SegMoEPipeline(cfg, device="cpu", progress=False)
+    router = merge.unet.segmoe_router
+    assert router.weight.shape[1] == merge.unet.config.cross_attention_dim  # both encoders' rows, as the UNet sees them
+    seen = []
+    merge.unet.register_forward_pre_hook(lambda m, a, k: seen.append(router.logits.argmax(-1).tolist()), with_kwargs=True)
+    merge([e.positive_prompt for e in cfg.experts], num_inference_steps=1, guidance_scale=5.0, height=64, width=64)
+    assert seen[0] == [0, 1, 0, 1]

@@ -171,3 +171,44 @@ def test_export_of_a_compressed_switch_loads_with_the_same_outputs(switches, sav
     loaded = SegMoEPipeline(out, device="cpu")
     assert not any(isinstance(layer, LowRankSampleMoE) for _, layer in iter_extra_layers(loaded.unet))
     torch.testing.assert_close(_out(loaded), _out(switches[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_switch_copied_with_copy_unet_routes_like_the_original(switches):
+    import numpy as np
+
+    from segmoe_lab.merge.prompt_router import copy_unet
+
+    pipe = switches[0].pipe
+    twin = copy.copy(pipe)
+    twin.register_modules(unet=copy_unet(pipe.unet))
+    assert twin.unet is not pipe.unet
+    prompts = [switches[0].config.experts[0].positive_prompt, switches[0].config.experts[1].positive_prompt]
+
+    def images(p):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return np.stack([np.asarray(im) for im in p(prompts, num_inference_steps=2, generator=gens, height=32, width=32).images])
+
+    assert np.array_equal(images(twin), images(pipe))
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["full", "compressed"])
+def test_the_routers_one_choice_for_a_batch_gives_what_every_gate_computes(switches, which):
+    import numpy as np
+
+    from segmoe_lab.merge.prompt_router import iter_gates
+
+    pipe = switches[which].pipe
+    prompts = [switches[which].config.experts[0].positive_prompt] * 2
+
+    def images():
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return np.stack([np.asarray(im) for im in pipe(prompts, num_inference_steps=2, generator=gens, height=32, width=32).images])
+
+    fast = images()
+    hooks = [layer.gate.register_forward_hook(lambda *a: None) for _, layer in iter_gates(pipe.unet)]  # every gate runs
+    try:
+        slow = images()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert np.array_equal(fast, slow)

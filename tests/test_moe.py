@@ -124,3 +124,23 @@ def test_summed_gate_input_routes_as_summed_logits_do(routing):
     x = torch.randn(3, 5, 8)
     weights, idx = route(layer.gate(x), 2, routing)
     torch.testing.assert_close(layer(x), _reference(x, experts, weights, idx))
+
+
+@pytest.mark.parametrize("routing", ["per_sample", "per_token"])
+def test_a_batch_routed_to_one_expert_runs_that_expert_alone(routing):
+    from segmoe_lab.merge.kinds import SampleMoE
+    from segmoe_lab.merge.routing import Scope, single_expert
+
+    torch.manual_seed(0)
+    experts = [nn.Linear(4, 3) for _ in range(3)]
+    gate = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([[0.0] * 4, [10.0] * 4, [0.0] * 4]))  # positive inputs -> expert 1
+    x = torch.rand(2, 5, 4) + 0.1
+    for layer in (MoELayer(experts, copy.deepcopy(gate), top_k=1, routing=routing),
+                  SampleMoE(experts, copy.deepcopy(gate), top_k=1, routing=routing)):
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), experts[1](x), atol=0, rtol=0)
+    assert single_expert(torch.tensor([[[1], [1]], [[1], [1]]]), Scope.SAMPLE) == 1
+    assert single_expert(torch.tensor([[[1], [1]], [[0], [0]]]), Scope.SAMPLE) is None
+    assert single_expert(torch.tensor([[[1, 0]]]), Scope.SAMPLE) is None  # top-2 mixes

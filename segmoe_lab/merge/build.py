@@ -13,7 +13,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from segmoe_lab.merge.discovery import (
     Site,
     find_sites,
     get_module,
+    meta_copy,
     set_module,
     site_prefixes,
 )
@@ -45,7 +45,7 @@ from segmoe_lab.merge import lowrank as _lowrank  # noqa: F401  (importing it re
 from segmoe_lab.merge.deltas import SiteCompressor, compressible
 from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
 from segmoe_lab.merge.moe import moe_layer
-from segmoe_lab.merge.streaming import _stream_unet_into, read_sites
+from segmoe_lab.merge.streaming import _stream_unet_into, read_sites, release_freed_memory
 from segmoe_lab.merge.prompt_router import (
     Gate,
     attach_router,
@@ -159,7 +159,7 @@ def _site_module(base_site: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
         m = nn.Linear(base_site.in_features, base_site.out_features, bias=base_site.bias is not None,
                       device="meta")
     else:
-        m = copy.deepcopy(base_site).to("meta")
+        m = meta_copy(base_site)
     m.load_state_dict(tensors, assign=True)
     return m
 
@@ -267,6 +267,7 @@ class _Builder:
                     else:
                         _store_expert(per_site[path], i, len(specs), t, self.device, self.dtype)
                 del tensors
+                release_freed_memory()
                 if rows is not None:
                     hidden.append(rows)
         if self.swapped:

@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -153,6 +154,21 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
         parent[int(leaf)] = new
     else:
         setattr(parent, leaf, new)
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the meta device (its code and shapes), made without reading its weights.
+
+    ``copy.deepcopy(m).to("meta")`` copies every weight first, and a weight mapped from a file is
+    read from disk to be copied: a whole-UNet build did that for every site, holding the base UNet
+    beside the experts for nothing.
+    """
+    import torch
+
+    memo = {id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+            for t in module.parameters()}
+    memo.update({id(t): torch.empty_like(t, device="meta") for t in module.buffers()})
+    return copy.deepcopy(module, memo)
 
 
 def site_prefixes(sites: Sequence[Site]) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmoe_lab.merge.discovery import block_name, transformer_blocks
-from segmoe_lab.merge.routing import Scope, get_routing
+from segmoe_lab.merge.routing import Scope, get_routing, single_expert
 
 # kind -> what it holds (the config's moe_extra choices; "all" expands to every kind)
 EXTRA_KINDS = {
@@ -169,9 +169,16 @@ class SampleMoE(nn.Module):
         return self.experts[e](x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        decision = getattr(self.gate, "decision", None)  # the prompt router's one choice for the batch
+        e = decision(x.shape[0]) if decision is not None and self.top_k == 1 else None
+        if e is not None:
+            return self.run_expert(e, x, *args, **kwargs)
         logits = self.gate(pool(x).unsqueeze(1))  # (B, 1, E)
         idx = self.policy.choose(logits, self.top_k)  # (B, 1, k)
         weights = F.softmax(torch.gather(logits, -1, idx).float(), dim=-1).to(x.dtype)
+        one = single_expert(idx, self.policy.scope)
+        if one is not None:  # top-1 and one expert for the whole batch (a switch under guidance): weight 1
+            return self.run_expert(one, x, *args, **kwargs)
         if self.policy.scope is Scope.BATCH or x.shape[0] == 1:
             out = None
             for j, e in enumerate(idx[0, 0].tolist()):

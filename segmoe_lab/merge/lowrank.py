@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmoe_lab.merge.deltas import LowRankExpert, _key, _name, compress_experts, compressible
+from segmoe_lab.merge.discovery import meta_copy, set_module
 from segmoe_lab.merge.kinds import (
     SampleMoE,
     _in_features,
@@ -54,6 +55,7 @@ from segmoe_lab.merge.moe import (
     iter_moe_layers,
     moe_layer,
     register_layer_variant,
+    single_expert,
 )
 
 
@@ -80,7 +82,7 @@ class LowRankMoELayer(MoELayer):
         weights = {n: p for n, p in base.named_parameters() if p.dim() >= 2}
         self.base = nn.ParameterDict({_key(n): nn.Parameter(p.detach(), requires_grad=False) for n, p in weights.items()})
         # the module the weights belong to, on the meta device: its code and shapes, not its weights
-        object.__setattr__(self, "_template", copy.deepcopy(base).to("meta"))
+        object.__setattr__(self, "_template", meta_copy(base))
         t = self._template
         self.hidden_size = t.in_features if isinstance(t, nn.Linear) else next(t.parameters()).shape[-1]
         self.out_dim = t.out_features if isinstance(t, nn.Linear) else self.hidden_size
@@ -143,8 +145,8 @@ class LowRankMoELayer(MoELayer):
         w0 = self.base["weight"]
         a_all, b_all, bias = s["A.weight"], s["B.weight"], s.get("full.bias")
         y = F.linear(x, w0)  # the base projection, once for every expert
-        if self.policy.scope is Scope.BATCH and idx.shape[-1] == 1 and _eager_cpu(x):
-            e = int(idx[0, 0, 0])  # top-1: weight exactly 1; views of the chosen rows, no copy
+        e = single_expert(idx, self.policy.scope) if _eager_cpu(x) else None
+        if e is not None:  # top-1, one expert for every row: weight exactly 1; views of its rows, no copy
             return y + F.linear(F.linear(x, a_all[e]), b_all[e], None if bias is None else bias[e])
         rows, w = self._mixing(weights, idx, a_all.shape[0])
         a, b = a_all.index_select(0, rows), b_all.index_select(0, rows)  # (k, r, in), (k, out, r): small
@@ -158,8 +160,8 @@ class LowRankMoELayer(MoELayer):
         k1, k2 = _key(GEGLU[0]), _key(GEGLU[2])
         b1_all, b2_all = s[f"full.{_key(GEGLU[1])}"], s[f"full.{_key(GEGLU[3])}"]
         h0 = F.linear(x, w1)  # first base projection, shared by every expert
-        if self.policy.scope is Scope.BATCH and idx.shape[-1] == 1 and _eager_cpu(x):
-            e = int(idx[0, 0, 0])
+        e = single_expert(idx, self.policy.scope) if _eager_cpu(x) else None
+        if e is not None:
             a, g = (h0 + F.linear(F.linear(x, s[f"A.{k1}"][e]), s[f"B.{k1}"][e], b1_all[e])).chunk(2, dim=-1)
             m = a * F.gelu(g)
             return F.linear(m, w2, b2_all[e]) + F.linear(F.linear(m, s[f"A.{k2}"][e]), s[f"B.{k2}"][e])
@@ -191,7 +193,7 @@ class LowRankSampleMoE(SampleMoE):
         self.experts = nn.ModuleList(experts)
         self.base = nn.ParameterDict({_key(n): nn.Parameter(p.detach(), requires_grad=False)
                                       for n, p in base.named_parameters() if p.dim() >= 2})
-        object.__setattr__(self, "_template", copy.deepcopy(base).to("meta"))
+        object.__setattr__(self, "_template", meta_copy(base))
         self.hidden_size = _in_features(self._template)
         if gate is None:
             p = next(iter(self.base.values()))
@@ -272,8 +274,6 @@ def compress_unet(unet: nn.Module, cfg, base_tensors: Optional[dict[str, torch.T
     from it uses the mean of its experts (the merge's own centre: exact at full rank, and often
     close to the base, since fine-tunes move little). Returns ``{"base": sites, "mean": sites}``.
     """
-    from segmoe_lab.merge.discovery import set_module
-
     used = {"base": 0, "mean": 0}
     for path, layer in routed_layers(unet):
         if isinstance(layer, _COMPRESSED) or not compressible(layer.experts[0]):
@@ -293,8 +293,6 @@ def compress_unet(unet: nn.Module, cfg, base_tensors: Optional[dict[str, torch.T
 
 def decompress_unet(unet: nn.Module, cfg) -> None:
     """Replace every compressed layer of ``unet`` by its full form, in place."""
-    from segmoe_lab.merge.discovery import set_module
-
     plain = cfg.updated(compress=None)
     for path, layer in routed_layers(unet):
         if isinstance(layer, _COMPRESSED):

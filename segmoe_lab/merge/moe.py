@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmoe_lab.merge.routing import ROUTINGS, RoutingPolicy, Scope, get_routing  # noqa: F401  (re-exported)
+from segmoe_lab.merge.routing import ROUTINGS, RoutingPolicy, Scope, get_routing, single_expert  # noqa: F401  (re-exported)
 from segmoe_lab.merge.stacks import (
     _eager_cpu,
     _forward_geglu,
@@ -71,6 +71,13 @@ def check_experts(experts: Sequence[nn.Module], top_k: int) -> None:
         raise ValueError("a MoE layer needs at least one expert")
     if not 1 <= top_k <= len(experts):
         raise ValueError(f"top_k={top_k} must be between 1 and the number of experts ({len(experts)})")
+
+
+def _decided(gate: nn.Module, top_k: int, batch: int) -> Optional[int]:
+    """The expert a gate following the prompt router has already chosen for every row of the batch
+    (top-1 only), else None (:meth:`~segmoe_lab.merge.prompt_router.Gate.decision`)."""
+    decision = getattr(gate, "decision", None)
+    return decision(batch) if decision is not None and top_k == 1 else None
 
 
 def _plain_gate(gate: nn.Module) -> bool:
@@ -170,6 +177,9 @@ class MoELayer(nn.Module):
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        e = _decided(self.gate, self.top_k, hidden_states.shape[0]) if self._offload is None else None
+        if e is not None:  # the prompt router chose one expert for the whole batch (top-1): run it alone
+            return self.run_one(e, hidden_states, args, kwargs)
         e = self._the_one_expert(hidden_states)
         if e is not None:  # segmoe top-1 on CPU: the chosen expert alone, as a plain module call
             return self.run_one(e, hidden_states, args, kwargs)
@@ -278,9 +288,10 @@ class MoELayer(nn.Module):
                          call: Callable[[int, torch.Tensor], torch.Tensor], n: int) -> torch.Tensor:
         # call(e, h): expert e (a row of idx's index space, of size n) on tokens h
         B, T, C = x.shape
+        e = single_expert(idx, self.policy.scope)
+        if e is not None:  # top-1, one expert for every row: its weight is exactly 1, no gather or scatter
+            return call(e, x)
         if self.policy.scope is Scope.BATCH:
-            if idx.shape[-1] == 1:  # top-1: the softmax weight is exactly 1, so skip the multiply
-                return call(int(idx[0, 0, 0]), x)
             out = None
             for j, e in enumerate(idx[0, 0].tolist()):
                 y = weights[..., j : j + 1] * call(e, x)

@@ -12,13 +12,18 @@ Every MoE layer's gate (a :class:`Gate`) then returns the router's
 logits instead of its own. With ``moe_extra: [all]``, ``include_mid: true`` and top-1 this is the
 **whole-UNet switch**: each sample runs exactly its chosen expert's full UNet.
 
-Under classifier-free guidance the unconditional half of the batch follows its prompt's decision,
-as the model oracle runs the expert for both halves. The router learns which rows those are from the
-text encoder's calls (diffusers encodes the prompt, then the negative prompt, then concatenates
-``[negative, prompt]``), so it needs :func:`attach_router` on the pipeline; rows it cannot match
-(``prompt_embeds`` passed directly) decide on their own.
+The router scores exactly the text rows the UNet receives (``encoder_hidden_states``: CLIP's last
+hidden state for SD 1.5; both encoders' penultimate states side by side, 2048 wide, for SDXL): it is
+fitted on the pipeline's own ``encode_prompt`` output, and :func:`attach_router` wraps the
+pipeline's ``encode_prompt`` to note each call's prompt rows, their real-token counts and their
+negative rows. Under classifier-free guidance the unconditional half of the batch (diffusers
+concatenates ``[negative, prompt]``) follows its prompt's decision, as the model oracle runs the
+expert for both halves. Rows it cannot match (``prompt_embeds`` passed directly, a bare UNet call)
+are pooled over every position and decide on their own.
 """
 from __future__ import annotations
+
+import copy
 
 from typing import Optional, Sequence
 
@@ -50,6 +55,15 @@ class Gate(nn.Linear):
 
     def follow(self, router: Optional["PromptRouter"]) -> None:
         self._router = [] if router is None else [router]
+
+    def decision(self, batch: int) -> Optional[int]:
+        """The router's one top-1 expert for every row of a ``batch``-row call, when it chose one for
+        all (a switch under guidance), else None. A layer then runs that expert alone, skipping its
+        gate: so never while hooks watch this gate (recording must see its logits)."""
+        router = self._router[0] if self._router else None
+        if router is None or router.only is None or router.logits.shape[0] != batch:
+            return None
+        return None if self._forward_hooks or self._forward_pre_hooks else router.only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._router and self._router[0].logits is not None:
@@ -84,47 +98,57 @@ class PromptRouter(nn.Module):
         self.register_buffer("bias", bias.detach().float().clone())
         self.pool = pool
         self.logits: Optional[torch.Tensor] = None  # (N, E) for the UNet call in progress
-        self._calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # recent text-encoder outputs, token counts
+        self.only: Optional[int] = None  # the top-1 expert of every row of that call, when they agree
+        # recent encode_prompt calls: (prompt rows, their real-token counts or None, negative rows or None)
+        self._calls: list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]] = []
 
     def score(self, emb: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
         # in float32 whatever the pipeline's dtype: the decision must not depend on it
         return pool_text(emb, counts, self.pool) @ self.weight.float().T.to(emb.device) + self.bias.float().to(emb.device)
 
     # --- hooks ---------------------------------------------------------------------------
-    def _record(self, module, args, kwargs, output) -> None:
-        ids = args[0] if args else kwargs.get("input_ids")
-        hidden = output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
-        eos = getattr(module.config, "eos_token_id", None)
-        counts = real_token_counts(ids, eos) if ids is not None and eos is not None else None
-        self._calls = (self._calls + [(hidden.detach(), counts)])[-4:]
+    def note(self, prompt_rows: torch.Tensor, counts: Optional[torch.Tensor], negative_rows: Optional[torch.Tensor]) -> None:
+        """Remember one ``encode_prompt`` call (installed by :func:`attach_router`)."""
+        neg = None if negative_rows is None else negative_rows.detach()
+        self._calls = (self._calls + [(prompt_rows.detach(), counts, neg)])[-4:]
 
     def _find(self, row: torch.Tensor) -> tuple[int, int, Optional[torch.Tensor]]:
         for c in range(len(self._calls) - 1, -1, -1):
-            emb, counts = self._calls[c]
+            emb, counts, _ = self._calls[c]
             if emb.shape[1:] == row.shape:
                 for i in range(emb.shape[0]):
                     if torch.equal(emb[i].to(row.device, row.dtype), row):
                         return c, i, None if counts is None else counts[i]
         return -1, -1, None
 
+    def _negatives_of(self, found: list, rows: torch.Tensor) -> bool:
+        """Whether ``rows`` are the negatives noted with the prompts ``found`` (one call, same order)."""
+        calls = {c for c, _, _ in found}
+        if len(calls) != 1 or -1 in calls:
+            return False
+        neg = self._calls[found[0][0]][2]
+        return neg is not None and all(torch.equal(neg[i].to(rows.device, rows.dtype), rows[j])
+                                       for j, (_, i, _) in enumerate(found))
+
     def _before_unet(self, module, args, kwargs) -> None:
         text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if text is None:
-            self.logits = None
+            self.logits, self.only = None, None
             return
-        found = [self._find(text[i]) for i in range(text.shape[0])]
+        n = text.shape[0]
+        half = n // 2 if n % 2 == 0 and n > 1 else 0
+        found = [self._find(text[i]) for i in range(n)]
+        guided = half and self._negatives_of(found[half:], text[:half])  # [negative; prompt]
+        if guided:
+            found = found[half:] + found[half:]
         counts = torch.stack([c if c is not None else torch.tensor(text.shape[1]) for _, _, c in found])
         logits = self.score(text, counts)
-        n = text.shape[0]
-        if n % 2 == 0 and n > 1:
-            half = n // 2  # guidance: [negative; prompt], the negatives encoded in the call after the prompts'
-            neg, pos = found[:half], found[half:]
-            if all(p[0] >= 0 and q[0] == p[0] + 1 for p, q in zip(pos, neg)):
-                logits = torch.cat([logits[half:], logits[half:]])
-        self.logits = logits
+        self.logits = torch.cat([logits[half:], logits[half:]]) if guided else logits
+        top = self.logits.argmax(-1)
+        self.only = int(top[0]) if bool((top == top[0]).all()) else None
 
     def _after_unet(self, module, args, kwargs, output) -> None:
-        self.logits = None
+        self.logits, self.only = None, None
 
 
 def fit_router(text_encode, prompts: Sequence[Sequence[str]], shrinkage: float = 0.5, pool: str = "real") -> PromptRouter:
@@ -140,18 +164,73 @@ def fit_router(text_encode, prompts: Sequence[Sequence[str]], shrinkage: float =
     return PromptRouter(w, b, pool)
 
 
+def prompt_counts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Real-token counts of ``prompts`` under the pipeline's (first) tokenizer."""
+    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    return real_token_counts(tok.input_ids, pipe.text_encoder.config.eos_token_id)
+
+
 def pipeline_text_encode(pipe):
-    """``text_encode`` for :func:`fit_router` from a diffusers pipeline's tokenizer and text encoder."""
+    """``text_encode`` for :func:`fit_router`: the pipeline's own ``encode_prompt`` rows (what its
+    UNet receives, for SD and SDXL alike) and their real-token counts."""
 
     @torch.no_grad()
     def encode(prompts: list[str]):
-        tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        ids = tok.input_ids.to(pipe.text_encoder.device)
-        emb = pipe.text_encoder(ids)[0]
-        return emb, real_token_counts(ids, pipe.text_encoder.config.eos_token_id)
+        out = _encode_prompt(pipe)(prompt=list(prompts), device=pipe.text_encoder.device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+        return out[0], prompt_counts(pipe, prompts)
 
     return encode
+
+
+def _encode_prompt(pipe):
+    """The pipeline's own ``encode_prompt`` (not the router's wrapper, when installed)."""
+    return getattr(pipe.encode_prompt, "__wrapped__", pipe.encode_prompt)
+
+
+def _watch_encode_prompt(pipe, router: "PromptRouter") -> None:
+    """Wrap ``pipe.encode_prompt`` (on this instance) so ``router`` notes every call's rows."""
+    import functools
+    import inspect
+
+    original = _encode_prompt(pipe)
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def encode_prompt(*args, **kwargs):
+        out = original(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            prompt, per = a.get("prompt"), int(a.get("num_images_per_prompt") or 1)
+            counts = None
+            if prompt is not None and a.get("prompt_embeds") is None:
+                counts = prompt_counts(pipe, [prompt] if isinstance(prompt, str) else prompt).repeat_interleave(per)
+            negatives = out[1] if a.get("do_classifier_free_guidance") else None
+            router.note(out[0], counts, negatives)
+        except TypeError:  # an encode_prompt of another signature: its rows route on their own, unmatched
+            pass
+        return out
+
+    pipe.encode_prompt = encode_prompt
+
+
+def copy_unet(unet: nn.Module) -> nn.Module:
+    """A deep copy of a merged UNet for the same pipeline (e.g. to compress or edit a twin).
+
+    A plain ``copy.deepcopy`` also copies the prompt router, but the pipeline's ``encode_prompt``
+    keeps feeding the original, so the copy's router cannot find the prompts' token counts or pair
+    each negative with its prompt, and routes differently. Here the router is shared; every
+    weight is copied.
+
+    Example::
+
+        twin = copy.copy(pipe); twin.register_modules(unet=copy_unet(pipe.unet))
+    """
+    router = getattr(unet, ROUTER_NAME, None)
+    return copy.deepcopy(unet, {} if router is None else {id(router): router})
 
 
 def iter_gates(unet) -> list[tuple[str, nn.Module]]:
@@ -160,12 +239,17 @@ def iter_gates(unet) -> list[tuple[str, nn.Module]]:
 
 
 def attach_router(pipe, router: PromptRouter) -> None:
-    """Install ``router`` as ``pipe.unet.segmoe_router``: hook the text encoder and the UNet, and make
-    every MoE layer's gate follow it."""
-    unet = pipe.unet
+    """Install ``router`` as ``pipe.unet.segmoe_router``: watch the pipeline's ``encode_prompt``, hook
+    the UNet, and make every MoE layer's gate follow it."""
+    _watch_encode_prompt(pipe, router)
+    route_unet(pipe.unet, router)
+
+
+def route_unet(unet, router: PromptRouter) -> None:
+    """The UNet half of :func:`attach_router`, for a bare UNet (benchmarks, tests): each call's rows
+    of ``encoder_hidden_states`` decide on their own (there is no ``encode_prompt`` to pair them)."""
     setattr(unet, ROUTER_NAME, router)
     router.to(unet.device)
-    pipe.text_encoder.register_forward_hook(router._record, with_kwargs=True)
     unet.register_forward_pre_hook(router._before_unet, with_kwargs=True)
     unet.register_forward_hook(router._after_unet, with_kwargs=True)
     for _, layer in iter_gates(unet):

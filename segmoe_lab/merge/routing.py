@@ -99,3 +99,20 @@ def choose_per_sample(logits, top_k: int):
 def choose_per_token(logits, top_k: int):
     """Mixtral-style: every token chooses its own top-k."""
     return logits.topk(top_k, dim=-1).indices  # (B, T, k)
+
+
+def single_expert(idx: "torch.Tensor", scope: Scope) -> Optional[int]:
+    """The one expert every row and token chose, when top-1 routing chose only one (its softmax
+    weight is then exactly 1), else None. A whole-UNet switch under guidance is the common case:
+    both halves of the batch follow their prompt's decision. Not checked for per-sample or
+    per-token policies while ``torch.compile`` traces (the check reads the indices back)."""
+    if idx.shape[-1] != 1:
+        return None
+    if scope is Scope.BATCH:
+        return int(idx[0, 0, 0])
+    import torch  # here, not at the top: the config reads this module's registry without torch
+
+    if torch.compiler.is_compiling():
+        return None
+    first = idx.reshape(-1)[0]
+    return int(first) if bool((idx == first).all()) else None

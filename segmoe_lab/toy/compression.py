@@ -78,6 +78,7 @@ def rank_quality(ranks: Sequence[Optional[int]] = (1, 2, 4, 8, 16, 32), n: Optio
 
     from segmoe_lab.merge.lowrank import compress_unet, lowrank_bytes
     from segmoe_lab.merge.pipeline import SegMoEPipeline
+    from segmoe_lab.merge.prompt_router import copy_unet
 
     from . import load_base, load_pipeline
 
@@ -122,7 +123,7 @@ def rank_quality(ranks: Sequence[Optional[int]] = (1, 2, 4, 8, 16, 32), n: Optio
     targets += [(f"energy {e:g}", {"energy": e}) for e in energies]
     for name, target in targets:
         pipe = copy.copy(merged.pipe)
-        pipe.register_modules(unet=copy.deepcopy(merged.unet))
+        pipe.register_modules(unet=copy_unet(merged.unet))  # the twin keeps following the prompt router
         compress_unet(pipe.unet, cfg.updated(compress=target), base_tensors)
         b = lowrank_bytes(pipe.unet)
         s = per_prompt(scores(pipe))
@@ -153,9 +154,9 @@ def smallest_rank_within(table, margin: float = 0.02, keeps: Optional[float] = N
 
 
 def plot_rank_quality(table, path: Optional[Path] = None):
-    """Left: each target's share of the model oracle's gain (the uncompressed merge's, and 95 % of it,
-    as lines); right: the paired score difference to the uncompressed merge (95 % CI) against the
-    merged UNet's size in base UNets."""
+    """Against the merged UNet's size (in base UNets), fixed ranks and energy targets as two series:
+    left, each target's share of the model oracle's gain (the uncompressed merge's, and 95 % of it,
+    as lines); right, the paired score difference to the uncompressed merge (95 % CI, ±0.02 band)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,27 +164,28 @@ def plot_rank_quality(table, path: Optional[Path] = None):
 
     full = table[table["rank"] == "full experts"].iloc[0]
     rows = table[table["rank"] != "full experts"]
+    energy = rows["rank"].str.startswith("energy")
+    series = [(rows[~energy], "fixed rank", "o-"), (rows[energy], "energy kept", "s--")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax = axes[0]
-    ax.plot(range(len(rows)), rows["oracle_pct"], "o-")
-    ax.axhline(full["oracle_pct"], color="tab:green", lw=1, label=f"uncompressed merge ({full['oracle_pct']:.0f} %)")
-    ax.axhline(0.95 * full["oracle_pct"], color="tab:green", lw=1, ls="--", label="95 % of it")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(range(len(rows)), rows["rank"], rotation=30, ha="right")
-    ax.set_xlabel("compression target (rank, or energy kept)")
-    ax.set_ylabel("% of the model oracle's gain")
-    ax.legend(loc="lower right", fontsize=8)
-    ax = axes[1]
-    err = np.array([rows["diff"] - rows["ci_low"], rows["ci_high"] - rows["diff"]])
-    ax.errorbar(list(rows["unet_x"]), rows["diff"], yerr=err, fmt="o", capsize=3)
-    for x, y, name in zip(rows["unet_x"], rows["diff"], rows["rank"]):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhspan(-0.02, 0.02, color="tab:green", alpha=0.15, label="±0.02")
-    ax.axvline(full["unet_x"], color="grey", lw=0.8, ls=":", label=f"uncompressed ({full['unet_x']:.2f}x)")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("merged UNet bytes / one base UNet")
-    ax.set_ylabel("score − uncompressed merge")
-    ax.legend(loc="lower right", fontsize=8)
+    for part, label, style in series:
+        if part.empty:
+            continue
+        axes[0].plot(part["unet_x"], part["oracle_pct"], style, label=label)
+        err = np.array([part["diff"] - part["ci_low"], part["ci_high"] - part["diff"]])
+        axes[1].errorbar(part["unet_x"], part["diff"], yerr=err, fmt=style, capsize=3, label=label)
+        for ax, col in ((axes[0], "oracle_pct"), (axes[1], "diff")):
+            for x, y, name in zip(part["unet_x"], part[col], part["rank"]):
+                ax.annotate(name.replace("energy ", ""), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    axes[0].axhline(full["oracle_pct"], color="tab:green", lw=1, label=f"uncompressed merge ({full['oracle_pct']:.0f} %)")
+    axes[0].axhline(0.95 * full["oracle_pct"], color="tab:green", lw=1, ls=":", label="95 % of it")
+    axes[0].set_ylabel("% of the model oracle's gain")
+    axes[1].axhspan(-0.02, 0.02, color="tab:green", alpha=0.15, label="±0.02")
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set_ylabel("score − uncompressed merge")
+    for ax in axes:
+        ax.axvline(full["unet_x"], color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(f"merged UNet bytes / one base UNet (uncompressed: {full['unet_x']:.2f})")
+        ax.legend(loc="lower right", fontsize=8)
     n = table.attrs.get("n_prompts", "?")
     fig.suptitle(f"toy whole-UNet switch, experts as base + low-rank deltas (held-out prompts; 95 % bootstrap "
                  f"CI over {n} paired prompts)")
