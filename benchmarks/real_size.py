@@ -379,6 +379,23 @@ def main():
         if not args.keep:
             shutil.rmtree(args.root, ignore_errors=True)
     print(C.table(rows, COLUMNS))
+    problems = goal_misses(rows)
+    print("goals (resident estimate within 5 %, build peak <= merged pipeline + 1 GB): "
+          + ("all rows meet them" if not problems else "missed: " + "; ".join(problems)))
+    sys.exit(1 if problems else 0)
+
+
+def goal_misses(rows: list[dict]) -> list[str]:
+    """The rows that miss the issue's goals: the resident size after loading (every weight read)
+    within 5 % of ``estimate --resident``, and a build's peak within the merged pipeline's weights + 1 GB."""
+    out = []
+    for r in rows:
+        name = f"{r['layout']} {r['case']} {r['form']} {r['what']}"
+        if r.get("rss_gib") and r["what"] == "load" and abs(r["rss_gib"] / r["est_res_gib"] - 1) > 0.05:
+            out.append(f"{name}: resident {r['rss_gib']:.2f} GiB vs estimate {r['est_res_gib']:.2f}")
+        if r["what"] == "build" and r.get("peak_rss_gib") and r["peak_rss_gib"] > r["est_pipe_gib"] + 1e9 / 2**30:
+            out.append(f"{name}: peak {r['peak_rss_gib']:.2f} GiB > {r['est_pipe_gib']:.2f} + 1 GB")
+    return out
 
 
 if __name__ == "__main__":

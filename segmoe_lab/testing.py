@@ -138,6 +138,30 @@ def perturb_unet(unet, seed: int, scale: float = 0.05):
     return unet
 
 
+def perturbed_copies(module, n: int = 3, seed: int = 0, scale: float = 0.1) -> list:
+    """``n`` copies of ``module`` with seeded Gaussian noise (``scale``) added to every parameter: experts
+    of one site for layer tests."""
+    g = torch.Generator().manual_seed(seed)
+    out = [copy.deepcopy(module) for _ in range(n)]
+    with torch.no_grad():
+        for e in out:
+            for p in e.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return out
+
+
+def full_and_compressed(cfg, compress: dict):
+    """Two builds of ``cfg`` from the same seed: with full experts and with ``compress`` (e.g.
+    ``{"energy": 1.0}``), so their gates agree and outputs can be compared."""
+    from segmoe_lab.merge.pipeline import SegMoEPipeline
+
+    builds = []
+    for c in (None, compress):
+        torch.manual_seed(0)
+        builds.append(SegMoEPipeline(cfg.updated(compress=c), device="cpu", progress=False))
+    return tuple(builds)
+
+
 def unet_inputs(unet, batch: int = 1, seed: int = 0, seq_len: int = 77) -> dict:
     """Seeded random keyword arguments for ``unet(**inputs)``, shaped from its config.
 

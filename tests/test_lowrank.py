@@ -15,7 +15,7 @@ from segmoe_lab.merge.deltas import choose_rank, delta_factors
 from segmoe_lab.merge.lowrank import LowRankMoELayer, lowrank_bytes
 from segmoe_lab.merge.moe import ROUTINGS, MoELayer, moe_layer
 from segmoe_lab.merge.pipeline import SegMoEPipeline
-from segmoe_lab.testing import unet_inputs
+from segmoe_lab.testing import full_and_compressed, perturbed_copies, unet_inputs
 
 FULL = {"energy": 1.0}
 
@@ -25,14 +25,7 @@ def _config(routing="segmoe", top_k=2, **overrides):
                          "experts": [{"source_model": str(i)} for i in range(3)], **overrides})
 
 
-def _experts(base, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = [copy.deepcopy(base) for _ in range(n)]
-    with torch.no_grad():
-        for e in out:
-            for p in e.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return out
+_experts = perturbed_copies
 
 
 def _site(kind):
@@ -87,11 +80,7 @@ def test_gate_is_kept_as_given():
 @pytest.fixture(scope="module")
 def merges(sd15_set):
     cfg = sd15_set.config(init="random", moe_layers="all", num_experts_per_tok=2)
-    torch.manual_seed(0)
-    full = SegMoEPipeline(cfg, device="cpu", progress=False)
-    torch.manual_seed(0)
-    compressed = SegMoEPipeline(cfg.updated(compress=FULL), device="cpu", progress=False)
-    return full, compressed
+    return full_and_compressed(cfg, FULL)
 
 
 def _out(unet):

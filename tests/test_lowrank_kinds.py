@@ -11,7 +11,7 @@ from segmoe_lab.merge.config import parse_config
 from segmoe_lab.merge.kinds import SampleMoE, extra_layer, iter_extra_layers
 from segmoe_lab.merge.lowrank import LowRankSampleMoE, compress_unet, lowrank_bytes
 from segmoe_lab.merge.pipeline import SegMoEPipeline
-from segmoe_lab.testing import unet_inputs
+from segmoe_lab.testing import full_and_compressed, perturbed_copies, unet_inputs
 
 FULL = {"energy": 1.0}
 
@@ -21,14 +21,7 @@ def _config(routing="per_sample", top_k=1, **overrides):
                          "experts": [{"source_model": str(i)} for i in range(3)], **overrides})
 
 
-def _experts(base, n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = [copy.deepcopy(base) for _ in range(n)]
-    with torch.no_grad():
-        for e in out:
-            for p in e.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return out
+_experts = perturbed_copies
 
 
 SITES = {
@@ -96,11 +89,7 @@ def test_norm_sites_stay_full_experts_under_compression():
 def switches(sd15_set):
     cfg = sd15_set.config(init="random", moe_layers="all", include_mid=True, moe_extra=["all"],
                           router="prompt", routing="per_sample")
-    torch.manual_seed(0)
-    full = SegMoEPipeline(cfg, device="cpu", progress=False)
-    torch.manual_seed(0)
-    compressed = SegMoEPipeline(cfg.updated(compress=FULL), device="cpu", progress=False)
-    return full, compressed
+    return full_and_compressed(cfg, FULL)
 
 
 def _out(pipe):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmoe_lab.merge.discovery import block_name, transformer_blocks
+from segmoe_lab.merge.moe import build_layer
 from segmoe_lab.merge.routing import Scope, get_routing, single_expert
 
 # kind -> what it holds (the config's moe_extra choices; "all" expands to every kind)
@@ -221,13 +222,7 @@ def extra_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None
 
         layer = extra_layer([copy.deepcopy(conv) for _ in range(cfg.num_experts)], cfg)
     """
-    if getattr(cfg, "compress", None) is not None and not EXTRA_VARIANTS:
-        raise RuntimeError("cfg.compress needs segmoe_lab.merge.lowrank imported (it registers compressed layers)")
-    for variant in EXTRA_VARIANTS:
-        layer = variant(experts, cfg, gate, base)
-        if layer is not None:
-            return layer
-    return SampleMoE(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)
+    return build_layer(EXTRA_VARIANTS, SampleMoE, experts, cfg, gate, base)
 
 
 def iter_extra_layers(module: nn.Module):

@@ -364,11 +364,17 @@ def moe_layer(experts: Sequence[nn.Module], cfg, gate: nn.Linear | None = None, 
 
         layer = moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
     """
-    if getattr(cfg, "compress", None) is not None and not LAYER_VARIANTS:
+    return build_layer(LAYER_VARIANTS, MoELayer, experts, cfg, gate, base)
+
+
+def build_layer(variants: Sequence[Callable], plain: type, experts, cfg, gate, base) -> nn.Module:
+    """The first registered variant's layer for these experts, else ``plain(experts, gate, top_k,
+    routing)`` (the body of both layer factories: :func:`moe_layer` and ``kinds.extra_layer``)."""
+    if getattr(cfg, "compress", None) is not None and not variants:
         raise RuntimeError("cfg.compress needs segmoe_lab.merge.lowrank imported (it registers compressed layers)")
-    for variant in LAYER_VARIANTS:
+    for variant in variants:
         layer = variant(experts, cfg, gate, base)
         if layer is not None:
             return layer
     # a saved merge may hold fewer experts at a site than the config's top-k (segmoe clips too)
-    return MoELayer(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)
+    return plain(experts, gate, top_k=min(cfg.num_experts_per_tok, len(experts)), routing=cfg.routing)
