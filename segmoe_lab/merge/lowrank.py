@@ -60,6 +60,16 @@ from segmoe_lab.merge.moe import (
 
 
 # --- the layer -----------------------------------------------------------------------------------
+def _with_delta(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, positions: int) -> Optional[torch.Tensor]:
+    """``W_0 + B A`` (one ``addmm``) when forming it costs fewer multiply-adds than applying the
+    factors at ``positions`` rows, else None. One expert for a whole call (top-1, the switch) then
+    runs as one plain product instead of three: on a CPU the dispatch, not the arithmetic, was what
+    the low-rank terms cost."""
+    out, flat = w0.shape[0], w0[0].numel()
+    if out * flat > (out + flat) * positions:
+        return None
+    return torch.addmm(w0.reshape(out, flat), b, a).view(w0.shape)
+
 GEGLU = ("net.0.proj.weight", "net.0.proj.bias", "net.2.weight", "net.2.bias")
 
 
@@ -126,6 +136,9 @@ class LowRankMoELayer(MoELayer):
         ex = self.experts[e]
         if self.kind == "linear":
             bias = ex.full["bias"] if "bias" in ex.full else None
+            w = _with_delta(self.base["weight"], ex.A["weight"], ex.B["weight"], h.numel() // h.shape[-1])
+            if w is not None:
+                return F.linear(h, w, bias)
             return F.linear(h, self.base["weight"]) + F.linear(F.linear(h, ex.A["weight"]), ex.B["weight"], bias)
         x = _as_3d(h)
         idx = torch.full((x.shape[0], x.shape[1], 1), e, dtype=torch.long, device=x.device)
@@ -144,10 +157,12 @@ class LowRankMoELayer(MoELayer):
     def _run_linear(self, x, weights, idx, s):
         w0 = self.base["weight"]
         a_all, b_all, bias = s["A.weight"], s["B.weight"], s.get("full.bias")
-        y = F.linear(x, w0)  # the base projection, once for every expert
         e = single_expert(idx, self.policy.scope) if _eager_cpu(x) else None
-        if e is not None:  # top-1, one expert for every row: weight exactly 1; views of its rows, no copy
-            return y + F.linear(F.linear(x, a_all[e]), b_all[e], None if bias is None else bias[e])
+        if e is not None:  # top-1, one expert for every row: weight exactly 1; views of its rows (or slots)
+            b_e = None if bias is None else bias[e]
+            w = _with_delta(w0, a_all[e], b_all[e], x.numel() // x.shape[-1])
+            return F.linear(x, w, b_e) if w is not None else F.linear(x, w0) + F.linear(F.linear(x, a_all[e]), b_all[e], b_e)
+        y = F.linear(x, w0)  # the base projection, once for every expert
         rows, w = self._mixing(weights, idx, a_all.shape[0])
         a, b = a_all.index_select(0, rows), b_all.index_select(0, rows)  # (k, r, in), (k, out, r): small
         k, r = a.shape[:2]
@@ -159,8 +174,14 @@ class LowRankMoELayer(MoELayer):
         w1, w2 = self.base[_key(GEGLU[0])], self.base[_key(GEGLU[2])]
         k1, k2 = _key(GEGLU[0]), _key(GEGLU[2])
         b1_all, b2_all = s[f"full.{_key(GEGLU[1])}"], s[f"full.{_key(GEGLU[3])}"]
-        h0 = F.linear(x, w1)  # first base projection, shared by every expert
         e = single_expert(idx, self.policy.scope) if _eager_cpu(x) else None
+        rows = x.numel() // x.shape[-1]
+        w1e = None if e is None else _with_delta(w1, s[f"A.{k1}"][e], s[f"B.{k1}"][e], rows)
+        w2e = None if e is None else _with_delta(w2, s[f"A.{k2}"][e], s[f"B.{k2}"][e], rows)
+        if w1e is not None and w2e is not None:  # one expert for the call: its two full weights, formed once
+            a, g = F.linear(x, w1e, b1_all[e]).chunk(2, dim=-1)
+            return F.linear(a * F.gelu(g), w2e, b2_all[e])
+        h0 = F.linear(x, w1)  # first base projection, shared by every expert
         if e is not None:
             a, g = (h0 + F.linear(F.linear(x, s[f"A.{k1}"][e]), s[f"B.{k1}"][e], b1_all[e])).chunk(2, dim=-1)
             m = a * F.gelu(g)
@@ -211,9 +232,16 @@ class LowRankSampleMoE(SampleMoE):
         ex, t = self.experts[e], self._template
         bias = ex.full["bias"] if "bias" in ex.full else None
         if isinstance(t, nn.Linear):
+            w = _with_delta(self.base["weight"], ex.A["weight"], ex.B["weight"], x.numel() // x.shape[-1])
+            if w is not None:
+                return F.linear(x, w, bias)
             return F.linear(x, self.base["weight"]) + F.linear(F.linear(x, ex.A["weight"]), ex.B["weight"], bias)
         if type(t) is nn.Conv2d and t.groups == 1 and t.padding_mode == "zeros":
             w0 = self.base["weight"]
+            positions = x.shape[0] * x[0, 0].numel() // (t.stride[0] * t.stride[1])
+            w = _with_delta(w0, ex.A["weight"], ex.B["weight"], positions)
+            if w is not None:
+                return F.conv2d(x, w, bias, t.stride, t.padding, t.dilation)
             a = ex.A["weight"].view(-1, *w0.shape[1:])  # (r, in*kh*kw) -> an r-channel kernel like W_0's
             y = F.conv2d(x, w0, None, t.stride, t.padding, t.dilation)
             return y + F.conv2d(F.conv2d(x, a, None, t.stride, t.padding, t.dilation), ex.B["weight"][:, :, None, None], bias)
