@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "segmoe_lab"
 TESTS = Path(__file__).resolve().parent
-STAGES = {"errors": 0, "registry": 0, "atomic": 0, "safe_load": 0, "_compat": 0, "sources": 1, "merge": 2, "toy": 3, "observe": 3, "judge": 4}
+STAGES = {"errors": 0, "registry": 0, "atomic": 0, "safe_load": 0, "resample": 0, "_compat": 0, "sources": 1, "merge": 2, "toy": 3, "observe": 3, "judge": 4}
 TOP = 5  # cli, demo, notebook, runner, sweep, testing, the package's __init__
 MAX_LINES = 420
 

@@ -90,7 +90,7 @@ def per_prompt_accuracy(table: pd.DataFrame, labels: pd.Series, by: Sequence[str
 def accuracy(table: pd.DataFrame, labels: pd.Series, by: Sequence[str] = (), n_boot: int = 2000,
              seed: int = 0) -> pd.DataFrame:
     """Routing accuracy per model (x ``by``) with a bootstrap CI over prompts; ``chance`` = 1 / E."""
-    from segmoe_lab.judge.stats import bootstrap_ci
+    from segmoe_lab.resample import bootstrap_ci
 
     per = per_prompt_accuracy(table, labels, by)
     n_experts = table.groupby(["model", "prompt_id", "seed", "label"]).size().max() if len(table) else np.nan

@@ -35,23 +35,13 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from segmoe_lab.resample import bootstrap_ci
+
 Unit = Literal["prompt", "image"]
 ALL = "(all)"  # the category label of overall rows
 MIN_UNITS = 6  # below this many units no CI is shown: an exact sign-flip test cannot reach p < 0.05
 EXACT_UP_TO = 12  # sign-flip tests enumerate all 2^n patterns up to this n (4096), then sample n_boot
 TOO_SMALL = f"n too small (< {MIN_UNITS} units): no CI"
-
-
-def bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (seeded: the same data give the same interval)."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)  # (n_boot,)
-    alpha = (1 - ci) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return float(lo), float(hi)
 
 
 def _units(table: pd.DataFrame, unit: Unit) -> pd.DataFrame:

@@ -33,6 +33,8 @@ from typing import Callable, ContextManager, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from segmoe_lab.resample import bootstrap_ci
+
 COLLAPSE_SHARE = 0.9  # one expert gets at least this share of a site's top-1 decisions
 COLLAPSE_ENTROPY = 0.5  # utilisation entropy / log(E) below this
 MOST = 6  # sites named in one warning
@@ -97,16 +99,6 @@ def collapsed_sites(shares: pd.DataFrame, share: float = COLLAPSE_SHARE, entropy
     return pd.DataFrame(rows, columns=["label", "top_expert", "top_share", "entropy", "why"])
 
 
-def _bootstrap_ci(values, n_boot: int = 2000, ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    # observe/ sits below judge/, so judge.stats.bootstrap_ci is not importable here; the same seeded percentile bootstrap
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        return float("nan"), float("nan")
-    means = x[np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return float(lo), float(hi)
-
-
 def kind_group(kind: str) -> str:
     """Site kinds as routing is reported: ``self-attn`` (self-q/k/v), ``cross-q``, ``cross-kv`` (text input), ``ff``."""
     return "self-attn" if str(kind).startswith("self") else ("cross-kv" if kind in ("cross-k", "cross-v") else str(kind))
@@ -128,7 +120,7 @@ def routing_accuracy(shares: pd.DataFrame, labels: Sequence, by: str = "label", 
     per = t.groupby([by, "prompt_index"], sort=False, observed=True).top1.mean().reset_index()
     rows = []
     for key, g in per.groupby(by, sort=False, observed=True):
-        lo, hi = _bootstrap_ci(g.top1, n_boot, seed=seed)
+        lo, hi = bootstrap_ci(g.top1, n_boot, seed=seed)
         rows.append({by: key, "n_prompts": len(g), "accuracy": g.top1.mean(), "ci_low": lo, "ci_high": hi,
                      "chance": 1 / n_experts})
     return pd.DataFrame(rows, columns=[by, "n_prompts", "accuracy", "ci_low", "ci_high", "chance"])

@@ -24,18 +24,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import merge_config, world
-from .quality import GUIDANCE, eval_prompts, generate
+from segmoe_lab.resample import bootstrap_ci
+
+from . import merge_config
+from .quality import GUIDANCE, generate
 from .truth import check
-
-HELD_OUT_SEED = 2027
-
-
-def bootstrap_ci(d: np.ndarray, reps: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean of ``d``."""
-    rng = np.random.default_rng(seed)
-    means = rng.choice(d, size=(reps, len(d)), replace=True).mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def _heldout(n: Optional[int]) -> list[dict]:
@@ -127,7 +120,7 @@ def rank_quality(ranks: Sequence[Optional[int]] = (1, 2, 4, 8, 16, 32), n: Optio
         compress_unet(pipe.unet, cfg.updated(compress=target), base_tensors)
         b = lowrank_bytes(pipe.unet)
         s = per_prompt(scores(pipe))
-        lo, hi = bootstrap_ci(s - ref)
+        lo, hi = bootstrap_ci(s - ref, n_boot=4000)
         rows.append({"rank": name, "score": s.mean(), "diff": float((s - ref).mean()), "ci_low": lo, "ci_high": hi,
                      "oracle_pct": pct(s), "keeps": pct(s) / pct(ref) if pct(ref) else float("nan"),
                      "expert_mb": (b["experts"] + b["base_weights"]) / 2**20,
