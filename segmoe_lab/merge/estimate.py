@@ -23,7 +23,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from segmoe_lab.merge.config import MergeConfig, load_config
 from segmoe_lab.sources import layouts
@@ -180,62 +180,48 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def meta_merge(unet_config: dict, cfg: MergeConfig, ranks: Optional[dict[str, dict[str, int]]] = None):
+def meta_merge(unet_config: dict, cfg: MergeConfig, saved: Optional[Mapping[str, tuple]] = None):
     """``(base_params, merged UNet on the meta device, sites)`` for ``cfg`` over ``unet_config``.
 
-    With ``cfg.compress``, experts are low-rank deltas of the ranks a fixed ``rank`` gives, or of
-    ``ranks`` (site -> weight -> rank, as a saved compressed merge holds them)."""
+    With ``cfg.compress``, experts are low-rank deltas of the ranks a fixed ``rank`` gives, or of the
+    ranks a saved compressed merge holds (``saved``: its files' tensor name -> shape)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from segmoe_lab.merge.discovery import find_sites, get_module, set_module
-    from segmoe_lab.merge.deltas import compressible, planned_ranks, skeleton_experts
     from segmoe_lab.merge import lowrank as _lowrank  # noqa: F401  (importing it registers the compressed layer kinds)
+    from segmoe_lab.merge.deltas import compressible, planned_ranks, skeleton_experts
+    from segmoe_lab.merge.discovery import find_sites, get_module, set_module
+    from segmoe_lab.merge.io import _saved_ranks
+    from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
     from segmoe_lab.merge.moe import moe_layer
+
+    def layer(factory, path):  # E copies of the site's module, or E low-rank experts over it
+        site = get_module(unet, path)
+        if cfg.compress is None or not compressible(site):
+            return factory([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
+        ranks = _saved_ranks(saved, path, site) if saved else planned_ranks(site, cfg.compress)
+        return factory(skeleton_experts(site, cfg.num_experts, ranks), cfg, base=site)
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
         base = _params(unet)
         sites = find_sites(unet, cfg.moe_layers, cfg.include_mid)
         for s in sites:
-            site = get_module(unet, s.path)
-            if cfg.compress is not None:
-                r = ranks[s.path] if ranks else planned_ranks(site, cfg.compress)
-                layer = moe_layer(skeleton_experts(site, cfg.num_experts, r), cfg, base=site)
-            else:
-                layer = moe_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg)
-            set_module(unet, s.path, layer)
-        from segmoe_lab.merge.kinds import extra_layer, find_extra_sites
-
+            set_module(unet, s.path, layer(moe_layer, s.path))
         extra = find_extra_sites(unet, cfg.moe_extra)  # moe_extra's kinds cost E copies of their layers too
         for s in extra:
-            site = get_module(unet, s.path)
-            if cfg.compress is not None and compressible(site):
-                r = ranks[s.path] if ranks else planned_ranks(site, cfg.compress)
-                set_module(unet, s.path, extra_layer(skeleton_experts(site, cfg.num_experts, r), cfg, base=site))
-            else:
-                set_module(unet, s.path, extra_layer([copy.deepcopy(site) for _ in range(cfg.num_experts)], cfg))
+            set_module(unet, s.path, layer(extra_layer, s.path))
     return base, unet, [*sites, *extra]
 
 
-def _saved_ranks(folder: Path) -> Optional[dict[str, dict[str, int]]]:
-    """Site -> weight -> rank of a compressed merge folder, from its file header (None if not compressed)."""
-    from safetensors import safe_open
-
-    from segmoe_lab.merge.io import EXTRAS_WEIGHTS, LOWRANK_WEIGHTS, is_compressed
+def _saved_shapes(folder: Path) -> Optional[dict[str, tuple]]:
+    """Tensor name -> shape of a compressed merge folder's files (headers only), or None if not compressed."""
+    from segmoe_lab.merge.io import EXTRAS_WEIGHTS, LOWRANK_WEIGHTS, _file_shapes, is_compressed
 
     if not is_compressed(folder):
         return None
-    ranks: dict[str, dict[str, int]] = {}
-    for name in (LOWRANK_WEIGHTS, EXTRAS_WEIGHTS):  # segmoe's sites; compressed extra kinds
-        if not (folder / "unet" / name).is_file():
-            continue
-        with safe_open(str(folder / "unet" / name), "pt") as f:
-            for k in f.keys():
-                site, sep, rest = k.partition(".experts.0.A.")
-                if sep:
-                    ranks.setdefault(site, {})[rest.replace("__", ".")] = f.get_slice(k).get_shape()[0]
-    return ranks
+    files = [folder / "unet" / name for name in (LOWRANK_WEIGHTS, EXTRAS_WEIGHTS)]  # segmoe's sites; extra kinds
+    return {k: v for f in files if f.is_file() for k, v in _file_shapes(f).items()}
 
 
 def _text_encoder_params(configs: dict[str, dict]) -> int:
@@ -269,18 +255,18 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
     """
     from segmoe_lab.merge.offload import resident_bytes_plan
 
-    configs = ranks = None
+    configs = saved = None
     if isinstance(config, (str, Path)) and Path(config).is_dir():
         from segmoe_lab.merge.io import read_merge_config
 
         folder = Path(config)
         _, cfg = read_merge_config(folder)
-        ranks = _saved_ranks(folder)
+        saved = _saved_shapes(folder)
         configs = _folder_configs(folder, "merge folder") if layout is None else None
     else:
         cfg = config if isinstance(config, MergeConfig) else load_config(config)
     configs = configs or model_configs(cfg, layout)
-    base, unet, sites = meta_merge(configs.unet, cfg, ranks)
+    base, unet, sites = meta_merge(configs.unet, cfg, saved)
     merged = _params(unet)
     import torch
 
@@ -295,7 +281,7 @@ def estimate(config: Union[MergeConfig, str, Path], layout: Optional[str] = None
     title = (f"{cfg.num_experts}x{cfg.num_experts_per_tok} {cfg.type} merge of {cfg.base_model}, "
              f"moe_layers={cfg.moe_layers}{', include_mid' if cfg.include_mid else ''}"
              f"{f', moe_extra={cfg.moe_extra} ({extra_params / 1e6:.2f} M params in extra kinds)' if cfg.moe_extra else ''}"
-             + (f", experts as base + rank-{cfg.compress.rank if ranks is None else 'saved'} deltas" if cfg.compress else ""))
+             + (f", experts as base + rank-{cfg.compress.rank if saved is None else 'saved'} deltas" if cfg.compress else ""))
     return Estimate(title, configs.source, len(sites), cfg.num_experts, min(cfg.num_experts_per_tok, cfg.num_experts),
                     base, merged, active, offload,
                     _text_encoder_params(configs.text_encoders) if configs.text_encoders else None,
