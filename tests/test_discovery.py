@@ -54,3 +54,14 @@ def test_unknown_layer_type_names_the_choices(unets):
 def test_site_labels_read_as_block_and_layer_names():
     site = site_from_path("up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k")
     assert (site.block, site.kind, site.label) == ("up.1", "attn2.to_k", "up1.a2.t0 cross-k")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tensors_by_site_groups_each_key_under_its_site_as_prefix_matching_would(unets, layout):
+    from segmoe_lab.merge.discovery import tensors_by_site
+    from segmoe_lab.merge.kinds import find_extra_sites
+
+    unet = unets[layout]
+    paths = [s.path for s in (*find_sites(unet, "all", True), *find_extra_sites(unet, ["all"]))]
+    keys = list(unet.state_dict())
+    assert tensors_by_site(keys, paths) == {p: [k for k in keys if k.startswith(p + ".")] for p in paths}

@@ -33,7 +33,7 @@ from segmoe_lab.merge.discovery import (
     get_module,
     meta_copy,
     set_module,
-    site_prefixes,
+    tensors_by_site,
 )
 from segmoe_lab.merge.gating import (
     GateContext,
@@ -209,7 +209,7 @@ class _Builder:
         self.sites = find_sites(pipe.unet, self.cfg.moe_layers, self.cfg.include_mid)
         # extra layer kinds (merge.kinds): read, captured and gated like segmoe's sites, built as SampleMoE
         self.extra = find_extra_sites(pipe.unet, self.cfg.moe_extra)
-        self.prefixes = site_prefixes([*self.sites, *self.extra])
+        self.site_names = tensors_by_site(self.shapes, [s.path for s in (*self.sites, *self.extra)])
         # only needed when an expert must be swapped into the UNet and the base has no file to reread
         self._base_copy = None
 
@@ -240,8 +240,7 @@ class _Builder:
         return ((s.path, _site_tensors(unet, s)) for s in (*self.sites, *self.extra)), hidden
 
     def _read_sites(self, res) -> Iterator[tuple[str, dict]]:
-        sites = [s.path for s in (*self.sites, *self.extra)]
-        return read_sites(res, self.cfg.type, dict(self.pipe.unet.config), sites, self.shapes, self.dtype)
+        return read_sites(res, self.cfg.type, dict(self.pipe.unet.config), self.site_names, self.shapes, self.dtype)
 
     def restore_base(self) -> None:
         """Put the base's own (non-site) UNet tensors back after experts were swapped in."""

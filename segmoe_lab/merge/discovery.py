@@ -171,6 +171,25 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def tensors_by_site(keys, paths: Sequence[str]) -> dict[str, list[str]]:
+    """Site path -> the state-dict ``keys`` under it (in ``keys``' order), in one pass over the keys.
+
+    Example::
+
+        tensors_by_site(unet.state_dict(), ["mid_block.attentions.0.proj_in"])
+        # {'mid_block.attentions.0.proj_in': ['mid_block.attentions.0.proj_in.weight', '... .bias']}
+    """
+    out: dict[str, list[str]] = {p: [] for p in paths}
+    for k in keys:
+        head = k
+        while "." in head:  # a key's nearest enclosing site (sites do not nest)
+            head = head.rpartition(".")[0]
+            if head in out:
+                out[head].append(k)
+                break
+    return out
+
+
 def site_prefixes(sites: Sequence[Site]) -> tuple[str, ...]:
     """State-dict key prefixes (``path + "."``) of the sites, for filtering tensors."""
     return tuple(s.path + "." for s in sites)

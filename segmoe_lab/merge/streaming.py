@@ -16,7 +16,7 @@ import ctypes
 import json
 import math
 import struct
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -53,10 +53,9 @@ def _read_safetensors_into(path, targets: list[tuple[str, torch.Tensor]]) -> Non
 def _stream_unet_into(res, model_type: str, unet_config: dict, unet: nn.Module) -> bool:
     """Overwrite ``unet``'s tensors with a source's, streamed (see above). False where the source is
     not safetensors (pickles are read whole by :mod:`sources`); the caller then loads a state dict."""
-    with sources.open_unet_tensors(res, model_type, unet_config) as t:
-        where = getattr(t, "_where", None)  # diffusers name -> (file, key); reads headers only
-        if getattr(t, "_loaded", None) is not None or not where:
-            return False
+    where = _file_index(res, model_type, unet_config)
+    if where is None:
+        return False
     by_file: dict = {}
     for name, dst in unet.state_dict().items():  # detached tensors sharing the parameters' storage
         file, key = where[name]
@@ -66,35 +65,40 @@ def _stream_unet_into(res, model_type: str, unet_config: dict, unet: nn.Module) 
     return True
 
 
-def read_sites(res, model_type: str, unet_config: dict, sites: Sequence[str], shapes: dict,
+def _file_index(res, model_type: str, unet_config: dict) -> Optional[dict]:
+    """Diffusers tensor name -> (file, key) of a safetensors source (headers only), or None for
+    sources :mod:`sources` reads whole (pickles)."""
+    with sources.open_unet_tensors(res, model_type, unet_config) as t:
+        where = getattr(t, "_where", None)
+        return None if getattr(t, "_loaded", None) is not None or not where else where
+
+
+def read_sites(res, model_type: str, unet_config: dict, site_names: Mapping[str, Sequence[str]], shapes: dict,
                dtype: torch.dtype) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """``(site, {name within the site: tensor})`` for each of ``sites`` of a source's UNet, in
-    ``dtype``, read in groups of about :data:`READ_CHUNK` bytes (``shapes``: UNet tensor name -> shape).
+    """``(site, {name within the site: tensor})`` for each site of ``site_names`` (site -> its UNet
+    tensor names, :func:`~segmoe_lab.merge.discovery.tensors_by_site`) from a source's UNet, in
+    ``dtype``, read in groups of about :data:`READ_CHUNK` bytes (``shapes``: tensor name -> shape).
 
     Sources that are not safetensors (pickles) are read whole by :mod:`sources`, then handed out by site.
     """
-    names = {p: [k for k in shapes if k.startswith(p + ".")] for p in sites}
-    with sources.open_unet_tensors(res, model_type, unet_config) as t:
-        where = getattr(t, "_where", None)  # diffusers name -> (file, key); headers only
-        if getattr(t, "_loaded", None) is not None or not where:
-            where = None
+    where = _file_index(res, model_type, unet_config)
     if where is None:
-        state = sources.read_unet_tensors(res, model_type, unet_config, names=[k for p in sites for k in names[p]])
-        for p in sites:
-            yield p, {k[len(p) + 1:]: state.pop(k).to(dtype) for k in names[p]}
+        state = sources.read_unet_tensors(res, model_type, unet_config, names=[k for ks in site_names.values() for k in ks])
+        for p, names in site_names.items():
+            yield p, {k[len(p) + 1:]: state.pop(k).to(dtype) for k in names}
         return
     itemsize = torch.empty((), dtype=dtype).element_size()
     group, size = [], 0
-    for j, p in enumerate(sites):
+    for j, p in enumerate(site_names):
         group.append(p)
-        size += sum(math.prod(shapes[k]) for k in names[p]) * itemsize
-        if size < READ_CHUNK and j + 1 < len(sites):
+        size += sum(math.prod(shapes[k]) for k in site_names[p]) * itemsize
+        if size < READ_CHUNK and j + 1 < len(site_names):
             continue
         out: dict[str, dict] = {}
         by_file: dict = {}
         for q in group:
             out[q] = {}
-            for k in names[q]:
+            for k in site_names[q]:
                 out[q][k[len(q) + 1:]] = dst = torch.empty(shapes[k], dtype=dtype)
                 file, key = where[k]
                 by_file.setdefault(file, []).append((key, dst))

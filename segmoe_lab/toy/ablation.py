@@ -52,12 +52,11 @@ def oracle_unet(base_unet, expert_unet, kinds: Sequence[str], include_mid: bool 
 
     Equal to a one-expert merge of ``expert_unet`` with ``moe_layers: all`` and ``moe_extra: kinds``
     (a MoE layer of one expert runs that expert)."""
-    from segmoe_lab.merge.discovery import find_sites
+    from segmoe_lab.merge.discovery import find_sites, site_prefixes
     from segmoe_lab.merge.kinds import find_extra_sites
 
-    paths = [s.path for s in find_sites(base_unet, "all", include_mid or "all" in kinds)]
-    paths += [s.path for s in find_extra_sites(base_unet, kinds)]
-    prefixes = tuple(p + "." for p in paths)
+    sites = [*find_sites(base_unet, "all", include_mid or "all" in kinds), *find_extra_sites(base_unet, kinds)]
+    prefixes = site_prefixes(sites)
     unet = copy.deepcopy(base_unet)
     src = expert_unet.state_dict()
     with torch.no_grad():
