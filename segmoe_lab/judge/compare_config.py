@@ -98,11 +98,10 @@ class CompareConfig(BaseModel):
     @field_validator("variants")
     @classmethod
     def _variant_names(cls, value):
-        from segmoe_lab.judge.variants import VARIANTS
-
-        bad = [v for v in value or [] if v not in VARIANTS]
+        known = _variant_names_()
+        bad = [v for v in value or [] if v not in known]
         if bad:
-            raise ValueError(f"variants {bad} are not known; choose any of {sorted(VARIANTS)}")
+            raise ValueError(f"variants {bad} are not known; choose any of {sorted(known)}")
         return value
 
     @field_validator("references")
