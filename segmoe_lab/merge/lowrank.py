@@ -70,6 +70,14 @@ def _with_delta(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, positions: i
         return None
     return torch.addmm(w0.reshape(out, flat), b, a).view(w0.shape)
 
+
+def _expert_linear(x: torch.Tensor, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One expert's Linear on ``x``: ``W_0 + B A`` formed once where that is cheaper, else the base
+    projection plus ``B(A x)``."""
+    w = _with_delta(w0, a, b, x.numel() // x.shape[-1])
+    return F.linear(x, w, bias) if w is not None else F.linear(x, w0) + F.linear(F.linear(x, a), b, bias)
+
 GEGLU = ("net.0.proj.weight", "net.0.proj.bias", "net.2.weight", "net.2.bias")
 
 
@@ -136,10 +144,7 @@ class LowRankMoELayer(MoELayer):
         ex = self.experts[e]
         if self.kind == "linear":
             bias = ex.full["bias"] if "bias" in ex.full else None
-            w = _with_delta(self.base["weight"], ex.A["weight"], ex.B["weight"], h.numel() // h.shape[-1])
-            if w is not None:
-                return F.linear(h, w, bias)
-            return F.linear(h, self.base["weight"]) + F.linear(F.linear(h, ex.A["weight"]), ex.B["weight"], bias)
+            return _expert_linear(h, self.base["weight"], ex.A["weight"], ex.B["weight"], bias)
         x = _as_3d(h)
         idx = torch.full((x.shape[0], x.shape[1], 1), e, dtype=torch.long, device=x.device)
         out = self.run_experts(x, x.new_ones(1, 1, 1).expand(*x.shape[:2], 1), idx, args, kwargs)
@@ -159,9 +164,7 @@ class LowRankMoELayer(MoELayer):
         a_all, b_all, bias = s["A.weight"], s["B.weight"], s.get("full.bias")
         e = single_expert(idx, self.policy.scope) if _eager_cpu(x) else None
         if e is not None:  # top-1, one expert for every row: weight exactly 1; views of its rows (or slots)
-            b_e = None if bias is None else bias[e]
-            w = _with_delta(w0, a_all[e], b_all[e], x.numel() // x.shape[-1])
-            return F.linear(x, w, b_e) if w is not None else F.linear(x, w0) + F.linear(F.linear(x, a_all[e]), b_all[e], b_e)
+            return _expert_linear(x, w0, a_all[e], b_all[e], None if bias is None else bias[e])
         y = F.linear(x, w0)  # the base projection, once for every expert
         rows, w = self._mixing(weights, idx, a_all.shape[0])
         a, b = a_all.index_select(0, rows), b_all.index_select(0, rows)  # (k, r, in), (k, out, r): small
@@ -175,17 +178,10 @@ class LowRankMoELayer(MoELayer):
         k1, k2 = _key(GEGLU[0]), _key(GEGLU[2])
         b1_all, b2_all = s[f"full.{_key(GEGLU[1])}"], s[f"full.{_key(GEGLU[3])}"]
         e = single_expert(idx, self.policy.scope) if _eager_cpu(x) else None
-        rows = x.numel() // x.shape[-1]
-        w1e = None if e is None else _with_delta(w1, s[f"A.{k1}"][e], s[f"B.{k1}"][e], rows)
-        w2e = None if e is None else _with_delta(w2, s[f"A.{k2}"][e], s[f"B.{k2}"][e], rows)
-        if w1e is not None and w2e is not None:  # one expert for the call: its two full weights, formed once
-            a, g = F.linear(x, w1e, b1_all[e]).chunk(2, dim=-1)
-            return F.linear(a * F.gelu(g), w2e, b2_all[e])
+        if e is not None:  # one expert for the call (top-1): its two projections, each run as is cheaper
+            a, g = _expert_linear(x, w1, s[f"A.{k1}"][e], s[f"B.{k1}"][e], b1_all[e]).chunk(2, dim=-1)
+            return _expert_linear(a * F.gelu(g), w2, s[f"A.{k2}"][e], s[f"B.{k2}"][e], b2_all[e])
         h0 = F.linear(x, w1)  # first base projection, shared by every expert
-        if e is not None:
-            a, g = (h0 + F.linear(F.linear(x, s[f"A.{k1}"][e]), s[f"B.{k1}"][e], b1_all[e])).chunk(2, dim=-1)
-            m = a * F.gelu(g)
-            return F.linear(m, w2, b2_all[e]) + F.linear(F.linear(m, s[f"A.{k2}"][e]), s[f"B.{k2}"][e])
         rows, w = self._mixing(weights, idx, b1_all.shape[0])
         a1, b1 = s[f"A.{k1}"].index_select(0, rows), s[f"B.{k1}"].index_select(0, rows)
         a2, b2 = s[f"A.{k2}"].index_select(0, rows), s[f"B.{k2}"].index_select(0, rows)
@@ -232,10 +228,7 @@ class LowRankSampleMoE(SampleMoE):
         ex, t = self.experts[e], self._template
         bias = ex.full["bias"] if "bias" in ex.full else None
         if isinstance(t, nn.Linear):
-            w = _with_delta(self.base["weight"], ex.A["weight"], ex.B["weight"], x.numel() // x.shape[-1])
-            if w is not None:
-                return F.linear(x, w, bias)
-            return F.linear(x, self.base["weight"]) + F.linear(F.linear(x, ex.A["weight"]), ex.B["weight"], bias)
+            return _expert_linear(x, self.base["weight"], ex.A["weight"], ex.B["weight"], bias)
         if type(t) is nn.Conv2d and t.groups == 1 and t.padding_mode == "zeros":
             w0 = self.base["weight"]
             positions = x.shape[0] * x[0, 0].numel() // (t.stride[0] * t.stride[1])
