@@ -179,3 +179,19 @@ def test_cli_validate_missing_file(tmp_path):
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "no such config file" in result.output
+
+
+def test_updated_changes_coupled_fields_together():
+    cfg = parse_config({"base_model": "b", "num_experts_per_tok": 2,
+                        "experts": [{"source_model": "x"}, {"source_model": "y"}]})
+    one = cfg.updated(experts=[cfg.experts[1]], num_experts=1, num_experts_per_tok=1)
+    assert (one.num_experts, one.num_experts_per_tok, one.experts[0].source_model) == (1, 1, "y")
+    assert cfg.num_experts == 2  # a copy: the original is unchanged
+
+
+def test_updated_names_the_bad_value():
+    cfg = parse_config({"base_model": "b", "experts": [{"source_model": "x"}]})
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        cfg.updated(num_experts_per_tok=5)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        cfg.updated(top_k=1)

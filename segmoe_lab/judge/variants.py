@@ -62,16 +62,11 @@ class Variant:
     routes: bool = True
 
 
-def _changed(cfg: MergeConfig, **update) -> MergeConfig:
-    # Re-validated, so a variant is a config a user could have written.
-    return MergeConfig.model_validate({**cfg.model_dump(), **update})
-
-
 def _one_expert_merges(cfg: MergeConfig) -> dict[str, MergeConfig]:
     # One expert: its gate has one row, softmax gives it weight 1 at every site whatever the init,
     # so ``uniform`` (no capture generation) builds the same model as ``hidden``, faster.
-    return {f"site_oracle_{i}": _changed(cfg, experts=[e.model_dump()], num_experts=1, num_experts_per_tok=1,
-                                         init="uniform")
+    return {f"site_oracle_{i}": cfg.updated("variant", experts=[e.model_dump()], num_experts=1, num_experts_per_tok=1,
+                                            init="uniform")
             for i, e in enumerate(cfg.experts)}
 
 
@@ -93,15 +88,15 @@ register_variant(Variant("site_oracle", "each prompt through a one-expert merge 
 # Both baselines drop a prompt router: its logits replace every gate's, so a merge that has one
 # would otherwise route exactly as before (measured: "random" then matched the merge to the image).
 register_variant(Variant("uniform", "every expert averaged at every site (zero gates, top-k = all experts, no router)",
-                         lambda cfg: {"uniform": _changed(cfg, init="uniform", num_experts_per_tok=cfg.num_experts,
-                                                          router="none")},
+                         lambda cfg: {"uniform": cfg.updated("variant", init="uniform", num_experts_per_tok=cfg.num_experts,
+                                                             router="none")},
                          routes=False))
 register_variant(Variant("random", "the merge with seeded random gates (and no router)",
-                         lambda cfg: {"random": _changed(cfg, init="random", router="none")}))
+                         lambda cfg: {"random": cfg.updated("variant", init="random", router="none")}))
 register_variant(Variant("per_sample", "the merge with per-sample routing",
-                         lambda cfg: {"per_sample": _changed(cfg, routing="per_sample")}))
+                         lambda cfg: {"per_sample": cfg.updated("variant", routing="per_sample")}))
 register_variant(Variant("per_token", "the merge with per-token routing",
-                         lambda cfg: {"per_token": _changed(cfg, routing="per_token")}))
+                         lambda cfg: {"per_token": cfg.updated("variant", routing="per_token")}))
 
 # What ``CompareConfig.variants=None`` asks for when the prompts have labels.
 DEFAULT_VARIANTS = ("model_oracle", "site_oracle", "uniform", "random")

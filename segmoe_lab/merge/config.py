@@ -197,23 +197,22 @@ class MergeConfig(_Strict):
         return self
 
     def updated(self, source: str = "config", **overrides: Any) -> "MergeConfig":
-        """A validated copy with ``overrides`` applied field by field (each assignment is
-        validated, so the config never round-trips through a dict); bad values raise :class:`ConfigError`.
+        """A validated copy with ``overrides`` applied; they are validated together with the rest of
+        the config, so coupled fields change at once (``experts`` with ``num_experts``); bad values
+        raise :class:`ConfigError`.
 
         Example::
 
             cfg.updated(num_experts_per_tok=2, routing="per_token")
+            cfg.updated(experts=[cfg.experts[0]], num_experts=1, num_experts_per_tok=1)
         """
         unknown = sorted(set(overrides) - set(type(self).model_fields))
         if unknown:
             raise ConfigError(f"{source}: unknown config field(s) {unknown}; valid fields: {', '.join(type(self).model_fields)}")
-        new = self.model_copy(deep=True)
         try:
-            for key, value in overrides.items():
-                setattr(new, key, value)
+            return type(self).model_validate({**self.model_dump(), **overrides})
         except ValidationError as err:
             raise ConfigError(_format(err, f"{source} with {overrides}")) from None
-        return new
 
     def to_yaml(self) -> str:
         """The config as YAML, with every default written out."""
