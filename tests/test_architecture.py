@@ -116,24 +116,25 @@ def test_a_deprecated_path_warns_with_the_new_one():
 
 def registries() -> dict[str, dict]:
     from segmoe_lab.judge.scorers import SCORERS
+    from segmoe_lab.judge.variants import VARIANTS
     from segmoe_lab.merge.gating import GATE_INITS
     from segmoe_lab.merge.routing import ROUTINGS
     from segmoe_lab.sources.resolve import SOURCE_KINDS
 
-    return {"routing": ROUTINGS, "gate": GATE_INITS, "scorer": SCORERS, "source": SOURCE_KINDS}
+    return {"routing": ROUTINGS, "gate": GATE_INITS, "scorer": SCORERS, "source": SOURCE_KINDS, "variant": VARIANTS}
 
 
 def _doc(entry) -> str:
     return getattr(entry, "doc", None) or inspect.getdoc(entry) or ""
 
 
-@pytest.mark.parametrize("kind", ["routing", "gate", "scorer", "source"])
+@pytest.mark.parametrize("kind", ["routing", "gate", "scorer", "source", "variant"])
 def test_every_registry_entry_has_a_docstring(kind):
     undocumented = [name for name, entry in registries()[kind].items() if len(_doc(entry).strip()) < 20]
     assert not undocumented, f"{kind} entries without a docstring a user can read: {undocumented}"
 
 
-@pytest.mark.parametrize("kind", ["routing", "gate", "scorer", "source"])
+@pytest.mark.parametrize("kind", ["routing", "gate", "scorer", "source", "variant"])
 def test_every_registry_entry_is_named_by_a_test(kind):
     text = "\n".join(p.read_text() for p in TESTS.glob("test_*.py") if p.name != Path(__file__).name)
     untested = [name for name in registries()[kind] if f'"{name}"' not in text and f"'{name}'" not in text]

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from segmoe_lab.merge.config import MergeConfig
+from segmoe_lab.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class Variant:
     needs_labels: bool = False
     routes: bool = True
 
+    @property
+    def doc(self) -> str:
+        """What the variant is, for reports and the registry's checks."""
+        return self.description
+
 
 def _one_expert_merges(cfg: MergeConfig) -> dict[str, MergeConfig]:
     # One expert: its gate has one row, softmax gives it weight 1 at every site whatever the init,
@@ -70,15 +76,12 @@ def _one_expert_merges(cfg: MergeConfig) -> dict[str, MergeConfig]:
             for i, e in enumerate(cfg.experts)}
 
 
-VARIANTS: dict[str, Variant] = {}
+VARIANTS: Registry[Variant] = Registry("variants", "a comparison variant")
 
 
 def register_variant(variant: Variant) -> Variant:
     """Add ``variant`` to :data:`VARIANTS` (a name given twice is an error)."""
-    if variant.name in VARIANTS:
-        raise ValueError(f"variant {variant.name!r} is already registered")
-    VARIANTS[variant.name] = variant
-    return variant
+    return VARIANTS.add(variant.name, variant)
 
 
 register_variant(Variant("model_oracle", "each prompt through its labelled expert's full model", lambda cfg: {},
@@ -104,10 +107,7 @@ DEFAULT_VARIANTS = ("model_oracle", "site_oracle", "uniform", "random")
 
 def get_variant(name: str) -> Variant:
     """The variant registered as ``name``; unknown names list the choices."""
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"variant {name!r} is not known; choose any of {sorted(VARIANTS)}") from None
+    return VARIANTS.lookup(name)
 
 
 # --- labels ---------------------------------------------------------------------------------------
