@@ -341,3 +341,15 @@ def test_reading_expert_sites_in_small_groups_builds_the_same_merge(fixture_sets
     assert len(groups) > 10 * len(cfg.experts) and max(groups) <= 12  # one site's tensors per read, never a UNet
     assert chunked.keys() == whole.keys()
     assert all(torch.equal(chunked[k], whole[k]) for k in whole)
+
+
+def test_a_failed_runtime_measurement_names_the_problem_and_the_fix(monkeypatch):
+    import subprocess
+
+    from segmoe_lab.errors import SettingsError
+    from segmoe_lab.merge import estimate as est
+
+    monkeypatch.setattr(est, "_RUNTIME", {})
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "FileNotFoundError: /proc/self/status"))
+    with pytest.raises(SettingsError, match=r"failed \(FileNotFoundError: /proc/self/status\); it reads /proc .*leave out --resident"):
+        est.runtime_bytes()

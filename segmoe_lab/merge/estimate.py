@@ -123,10 +123,17 @@ def runtime_bytes() -> int:
     import subprocess
     import sys
 
+    from segmoe_lab.errors import SettingsError
+
     if "rss" not in _RUNTIME:
-        out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], capture_output=True, text=True, timeout=300)
+        fix = "it reads /proc (Linux); leave out --resident / runtime=True for weights only"
+        try:
+            out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise SettingsError("measuring the runtime's memory in a child process took over 300 s", fix=fix) from None
         if out.returncode != 0 or not out.stdout.strip().isdigit():
-            raise RuntimeError(f"measuring the runtime's memory failed: {out.stderr.strip()[-300:]}")
+            detail = (out.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            raise SettingsError(f"measuring the runtime's memory in a child process failed ({detail})", fix=fix)
         _RUNTIME["rss"] = int(out.stdout.strip())
     return _RUNTIME["rss"]
 
